@@ -1,0 +1,279 @@
+"""Datasets and transforms, in the formats users have on disk.
+
+Stands alone: imports only torch / torchvision / numpy / stdlib.
+
+    build_datasets(name, data_path, ...) -> (train_set, test_set, num_classes)
+
+Every returned dataset yields ``(image_tensor, label)`` and has ``.targets`` (list
+of int) and ``.classes`` (list of str). Missing or malformed data raises
+``DataError`` with a one-line message naming the path and the flag to pass; the
+scripts print it and exit with code 2.
+
+Formats (SPEC.md Sec. 6):
+    cifar10, cifar100  torchvision's CIFAR (``download=True`` fetches it)
+    npz                x_train, y_train, x_test, y_test; uint8 NHWC images
+    imagefolder        <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg
+    lfw                <root>/<Name>/<Name>_NNNN.jpg; top-k identities, seeded 8:2 split
+    cub                CUB_200_2011 release: images.txt, image_class_labels.txt,
+                       train_test_split.txt, images/
+"""
+import os
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.datasets.folder import default_loader
+
+DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub")
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Seed 001 scales pixels to x*2/255 - 1: ToTensor gives x/255, then (t - 0.5)/0.5.
+SEED001_MEAN, SEED001_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "seed001": (SEED001_MEAN, SEED001_STD)}
+
+
+class DataError(Exception):
+    """Missing or malformed data; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------
+def cifar_transforms(normalize="cifar", image_size=32):
+    """Train: pad 4 with zeros, random crop, horizontal flip p=0.5 (He et al. 2016;
+    seed 001 Sec. 3.2). Test: no augmentation. ``normalize="seed001"`` gives seed
+    001's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std."""
+    norm = T.Normalize(*NORMALIZATIONS[normalize])
+    resize = [] if image_size == 32 else [T.Resize(image_size)]
+    train = T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
+                                T.ToTensor(), norm])
+    test = T.Compose(resize + [T.ToTensor(), norm])
+    return train, test
+
+
+def lfw_transforms(image_size=224, normalize="imagenet"):
+    """Seed 000 (LFW): RandomResizedCrop + horizontal flip for training, resize and
+    center crop for testing."""
+    norm = T.Normalize(*NORMALIZATIONS[normalize])
+    train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    # not in the paper: the test resize side (image_size / 0.875, torchvision's ratio).
+    test = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), norm])
+    return train, test
+
+
+def cub_transforms(image_size=224, normalize="imagenet"):
+    """Seed 000 (CUB): resize, random crop with 4 px padding, horizontal flip;
+    test: resize only."""
+    norm = T.Normalize(*NORMALIZATIONS[normalize])
+    resize = T.Resize((image_size, image_size))
+    train = T.Compose([resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
+                       T.ToTensor(), norm])
+    test = T.Compose([resize, T.ToTensor(), norm])
+    return train, test
+
+
+# ----------------------------------------------------------------------------------
+# Dataset classes
+# ----------------------------------------------------------------------------------
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as a uint8 (N, H, W, 3) array."""
+
+    def __init__(self, images, labels, classes, transform=None):
+        self.images, self.targets, self.classes = images, [int(y) for y in labels], list(classes)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = Image.fromarray(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """(path, label) pairs; images opened with torchvision's loader (RGB, so
+    grayscale files become 3 equal channels)."""
+
+    def __init__(self, samples, classes, transform=None):
+        self.samples, self.classes, self.transform = samples, list(classes), transform
+        self.targets = [label for _, label in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = default_loader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+# ----------------------------------------------------------------------------------
+# Loaders per format
+# ----------------------------------------------------------------------------------
+def load_cifar(name, root, download, transforms):
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root, train=True, transform=transforms[0], download=download)
+        test = cls(root, train=False, transform=transforms[1], download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
+        raise DataError(f"{name} not found under {os.path.abspath(root)}: pass --download to fetch "
+                        f"it, or --data-path DIR where it already is ({e})") from None
+    except OSError as e:  # no network while downloading
+        raise DataError(f"could not download {name} into {os.path.abspath(root)} ({e}); "
+                        f"download it elsewhere and pass --data-path DIR") from None
+    return train, test, len(train.classes)
+
+
+def load_npz(path, transforms):
+    if os.path.isdir(path):
+        raise DataError(f"--data-path {path} is a folder; --dataset npz needs the .npz file itself")
+    try:
+        arrays = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}); pass "
+                        f"--data-path FILE.npz with keys x_train, y_train, x_test, y_test") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks keys {missing}; an npz dataset needs "
+                        f"x_train, y_train, x_test, y_test (uint8 NHWC images, int labels)")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    for key, x in (("x_train", x_train), ("x_test", x_test)):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise DataError(f"{path}: {key} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    y_train, y_test = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else \
+        [str(k) for k in range(num_classes)]
+    return (ArrayDataset(x_train, y_train, classes, transforms[0]),
+            ArrayDataset(x_test, y_test, classes, transforms[1]), num_classes)
+
+
+def load_imagefolder(root, transforms):
+    sets = []
+    for split, transform in zip(("train", "val"), transforms):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder} not found: --dataset imagefolder needs --data-path DIR "
+                            f"with DIR/train/<class>/ and DIR/val/<class>/")
+        sets.append(torchvision.datasets.ImageFolder(folder, transform=transform))
+    if sets[0].classes != sets[1].classes:
+        raise DataError(f"{root}: train/ and val/ have different class folders")
+    return sets[0], sets[1], len(sets[0].classes)
+
+
+def stratified_split(labels, train_fraction, seed):
+    """Seeded per-class split: for each class, a random ``train_fraction`` of its
+    indices (rounded, at least 1 when the class has 2 or more) go to training.
+    Returns (train_indices, test_indices), each sorted."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = min(max(int(round(train_fraction * len(idx))), 1), len(idx) - (len(idx) > 1))
+        train += idx[:n_train].tolist()
+        test += idx[n_train:].tolist()
+    return sorted(train), sorted(test)
+
+
+def load_lfw(root, transforms, top_k=20, seed=0):
+    """LFW tree <root>/<Name>/<Name>_NNNN.jpg. Keeps the ``top_k`` identities with
+    the most images (ties broken by name, alphabetically), then splits each identity
+    8:2 with ``seed`` (seed 000: "20 identities with the most images, 8:2")."""
+    if not os.path.isdir(root):
+        raise DataError(f"LFW folder {root} not found: pass --data-path DIR holding <Name>/<Name>_NNNN.jpg")
+    counts = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder):
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+            if files:
+                counts.append((name, [os.path.join(folder, f) for f in files]))
+    if len(counts) < 2:
+        raise DataError(f"{root} holds {len(counts)} identity folders with images; --dataset lfw needs "
+                        f"--data-path DIR with <Name>/<Name>_NNNN.jpg for at least 2 people")
+    counts.sort(key=lambda item: (-len(item[1]), item[0]))
+    chosen = sorted(counts[:top_k], key=lambda item: item[0])
+    classes = [name for name, _ in chosen]
+    samples = [(path, label) for label, (_, paths) in enumerate(chosen) for path in paths]
+    train_idx, test_idx = stratified_split([s[1] for s in samples], 0.8, seed)
+    return (FileListDataset([samples[i] for i in train_idx], classes, transforms[0]),
+            FileListDataset([samples[i] for i in test_idx], classes, transforms[1]), len(classes))
+
+
+def _read_table(path):
+    """Rows of a CUB/NABirds metadata file: '<id> <value>' per line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: pass --data-path DIR of the CUB_200_2011 release "
+                        f"(images.txt, image_class_labels.txt, train_test_split.txt, images/)")
+    with open(path) as f:
+        return dict(line.split(maxsplit=1) for line in f if line.strip())
+
+
+def load_cub(root, transforms, num_classes=None, seed=0):
+    """CUB-200-2011 release layout. Official train/test split by default; with
+    ``num_classes=N`` (seed 000's setup) keeps the first N classes and splits them
+    8:2 per class with ``seed``."""
+    paths = _read_table(os.path.join(root, "images.txt"))
+    labels = {k: int(v) - 1 for k, v in _read_table(os.path.join(root, "image_class_labels.txt")).items()}
+    is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
+    ids = sorted(paths, key=int)
+    class_names = {}
+    classes_file = os.path.join(root, "classes.txt")
+    if os.path.isfile(classes_file):
+        class_names = {int(k) - 1: v.strip() for k, v in _read_table(classes_file).items()}
+    total = max(labels.values()) + 1
+    keep = total if num_classes is None else num_classes
+    ids = [i for i in ids if labels[i] < keep]
+    samples = [(os.path.join(root, "images", paths[i].strip()), labels[i]) for i in ids]
+    if not samples or not os.path.isfile(samples[0][0]):
+        raise DataError(f"CUB images missing under {os.path.join(root, 'images')}: "
+                        f"pass --data-path DIR of the extracted CUB_200_2011 release")
+    if num_classes is None:
+        train_idx = [k for k, i in enumerate(ids) if is_train[i]]
+        test_idx = [k for k, i in enumerate(ids) if not is_train[i]]
+    else:
+        train_idx, test_idx = stratified_split([s[1] for s in samples], 0.8, seed)
+    classes = [class_names.get(c, str(c)) for c in range(keep)]
+    return (FileListDataset([samples[k] for k in train_idx], classes, transforms[0]),
+            FileListDataset([samples[k] for k in test_idx], classes, transforms[1]), keep)
+
+
+DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
+                     "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet"}
+
+
+def build_datasets(name, data_path=None, download=False, image_size=None, normalize=None,
+                   lfw_top_k=20, cub_classes=None, split_seed=0):
+    """Build (train_set, test_set, num_classes) for ``name`` in ``DATASETS``.
+
+    ``image_size`` defaults to 32 for CIFAR/npz and 224 otherwise; ``normalize``
+    (``"cifar"``, ``"imagenet"`` or ``"seed001"``) defaults per dataset.
+    ``split_seed`` fixes the LFW / CUB-subset 8:2 splits.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    small = name in ("cifar10", "cifar100", "npz")
+    image_size = image_size or (32 if small else 224)
+    normalize = normalize or DEFAULT_NORMALIZE[name]
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_path or "./data", download, cifar_transforms(normalize, image_size))
+    if data_path is None:
+        raise DataError(f"--dataset {name} needs --data-path")
+    if not os.path.exists(data_path):
+        raise DataError(f"{data_path} does not exist: pass --data-path pointing at the {name} data")
+    if name == "npz":
+        return load_npz(data_path, cifar_transforms(normalize, image_size))
+    if name == "imagefolder":
+        return load_imagefolder(data_path, lfw_transforms(image_size, normalize))
+    if name == "lfw":
+        return load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
+    return load_cub(data_path, cub_transforms(image_size, normalize), cub_classes, split_seed)

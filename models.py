@@ -1,0 +1,366 @@
+"""Backbones for every method in this repository.
+
+Stands alone: imports only torch / torchvision / stdlib, so it can be copied into
+another project by itself.
+
+Every model's ``forward(x)`` returns the same dict, so each training method reads one
+interface:
+
+    {"logits":    (B, K)        the K-way class scores,
+     "embedding": (B, d)        the input of the final FC layer (the "deep feature"
+                                 that the center / contrastive-center losses act on),
+     "stages":    [(B, C, H, W), ...]  per-stage feature maps, shallow to deep}
+
+``build_model(name, num_classes, **options)`` is the only entry point a script needs.
+
+CIFAR ResNets (He et al. 2016, Sec. 4.2; 3 groups of n units, 16/32/64 channels,
+global average pool, FC). Parameter counts are for option-A shortcuts (parameter
+free) and are checked by ``test_all.py``; errors are the paper's Table 6 (CIFAR-10
+test error, %, full 50k training set):
+
+    =========  =====  ========  ======================
+    name       depth  params    published error (%)
+    =========  =====  ========  ======================
+    resnet20   20     0.27M     8.75
+    resnet32   32     0.46M     7.51
+    resnet44   44     0.66M     7.17
+    resnet56   56     0.85M     6.97
+    resnet110  110    1.7M      6.43
+    =========  =====  ========  ======================
+
+Seed 001 reports 91.1% accuracy (8.9% error) for its ResNet-32 variant
+(``block="preact"``, see ``CifarResNet``).
+
+torchvision backbones: resnet18 / resnet34 / resnet50 / mobilenet_v2 and
+swin_t / swin_s / swin_b / swin_l (swin_l = embed 192, depths 2,2,18,2,
+heads 6,12,24,48, built with torchvision's ``SwinTransformer`` class).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import Conv2dNormActivation
+
+# (depth, parameters with option-A shortcuts, published CIFAR-10 error %): the table above.
+CIFAR_RESNETS = {
+    "resnet20": (20, 0.27e6, 8.75),
+    "resnet32": (32, 0.46e6, 7.51),
+    "resnet44": (44, 0.66e6, 7.17),
+    "resnet56": (56, 0.85e6, 6.97),
+    "resnet110": (110, 1.7e6, 6.43),
+}
+TORCHVISION_CNNS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+SWINS = ("swin_t", "swin_s", "swin_b", "swin_l")
+MODEL_NAMES = tuple(CIFAR_RESNETS) + TORCHVISION_CNNS + SWINS
+
+# Inputs this small use a CIFAR stem on the torchvision CNNs (see TorchvisionCNN).
+SMALL_INPUT_MAX = 64
+
+
+# ----------------------------------------------------------------------------------
+# CIFAR ResNets
+# ----------------------------------------------------------------------------------
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut (He et al. 2016, Sec. 4.2): subsample by the stride and
+    zero-pad the new channels, so no parameters are added."""
+
+    def __init__(self, out_channels, stride):
+        super().__init__()
+        self.out_channels, self.stride = out_channels, stride
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_channels - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+
+
+def _shortcut(kind, in_channels, out_channels, stride):
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if kind == "A":
+        return ZeroPadShortcut(out_channels, stride)
+    if kind == "B":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+    raise ValueError(f"shortcut must be 'A' or 'B', got {kind!r}")
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual unit (He et al., "Identity mappings", ECCV 2016):
+    BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the shortcut.
+
+    ``activate_before_split=True`` is seed 001's first unit: BN+ReLU is applied
+    once to the input and that activated tensor feeds *both* the residual path and
+    the shortcut ("a BN layer and a ReLU layer are also placed on the shortcut path
+    of the network's first residual unit", seed 001, Sec. 3.2 / Fig. 4).
+    """
+
+    def __init__(self, in_channels, out_channels, stride, shortcut, activate_before_split=False):
+        super().__init__()
+        self.activate_before_split = activate_before_split
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut = _shortcut(shortcut, in_channels, out_channels, stride)
+
+    def forward(self, x):
+        activated = F.relu(self.bn1(x))
+        split_input = activated if self.activate_before_split else x
+        identity = split_input if self.shortcut is None else self.shortcut(split_input)
+        out = self.conv1(activated)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + identity
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth 6n+2 (He et al. 2016, Sec. 4.2).
+
+    conv3x3(16) -> 3 groups of n units (16, 32, 64 channels; stride 2 in the first
+    unit of groups 2 and 3) -> global average pool -> FC(K).
+
+    Args:
+        depth: 20, 32, 44, 56 or 110.
+        block: ``"post"`` (default) is the original post-activation unit
+            (conv-BN-ReLU-conv-BN, add, ReLU; torchvision's ``BasicBlock``): it is
+            the unit behind the published 0.46M / 7.51% row and what most
+            reproductions mean by "ResNet-32". ``"preact"`` is seed 001's network:
+            pre-activation units, BN+ReLU before the split in the network's first
+            unit, and a final BN+ReLU before pooling (the layout of the
+            identity-mappings paper, which seed 001 cites as [4]).
+        shortcut: ``"A"`` zero-padding identity (default, parameter free) or
+            ``"B"`` 1x1 conv + BN projection where the shape changes (seed 001,
+            Sec. 2, describes the 1x1 convolution).
+    Shapes:
+        x (B, 3, H, W) -> logits (B, K), embedding (B, 64),
+        stages [(B, 16, H, W), (B, 32, H/2, W/2), (B, 64, H/4, W/4)].
+    """
+
+    def __init__(self, depth=32, num_classes=10, block="post", shortcut="A"):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if block not in ("post", "preact"):
+            raise ValueError(f"block must be 'post' or 'preact', got {block!r}")
+        n = (depth - 2) // 6
+        self.block = block
+        if block == "post":
+            self.stem = Conv2dNormActivation(3, 16, kernel_size=3)  # conv-BN-ReLU
+        else:
+            self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)  # pre-act: BN+ReLU is in unit 1
+        groups, in_channels = [], 16
+        for group_index, channels in enumerate((16, 32, 64)):
+            units = []
+            for unit_index in range(n):
+                stride = 2 if (group_index > 0 and unit_index == 0) else 1
+                if block == "post":
+                    downsample = _shortcut(shortcut, in_channels, channels, stride)
+                    units.append(BasicBlock(in_channels, channels, stride, downsample))
+                else:
+                    first = group_index == 0 and unit_index == 0
+                    units.append(PreActBlock(in_channels, channels, stride, shortcut, first))
+                in_channels = channels
+            groups.append(nn.Sequential(*units))
+        self.groups = nn.ModuleList(groups)
+        # Pre-activation units leave the last group's output un-normalised.
+        self.final_act = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()) if block == "preact" else nn.Identity()
+        self.fc = nn.Linear(64, num_classes)
+        self.stage_channels = [16, 32, 64]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        stages = []
+        for group in self.groups:
+            x = group(x)
+            stages.append(x)
+        stages[-1] = self.final_act(stages[-1])
+        embedding = stages[-1].mean(dim=(2, 3))  # (B, 64)
+        return {"logits": self.fc(embedding), "embedding": embedding, "stages": stages}
+
+
+# ----------------------------------------------------------------------------------
+# torchvision CNNs
+# ----------------------------------------------------------------------------------
+# MobileNetV2 `features` indices that end a resolution stage (/4, /8, /16, /32).
+_MOBILENET_STAGE_ENDS = (3, 6, 13, 18)
+
+
+class TorchvisionCNN(nn.Module):
+    """torchvision ResNet-18/34/50 or MobileNetV2 with the project's output dict.
+
+    For inputs of ``SMALL_INPUT_MAX`` (64) px or less the ImageNet stem would shrink
+    a 32 px image to 1x1 before the last stage, so a CIFAR stem is used instead:
+    ResNets get a 3x3 stride-1 ``conv1`` and no max-pool; MobileNetV2 gets a
+    stride-1 first conv. Those stem weights are then freshly initialised, even with
+    pretrained weights.
+
+    Shapes:
+        x (B, 3, H, W) -> logits (B, K), embedding (B, d) with d = 512 (resnet18/34),
+        2048 (resnet50), 1280 (mobilenet_v2); stages = the 4 resolution stages.
+    """
+
+    def __init__(self, name, num_classes, image_size=224, pretrained=False):
+        super().__init__()
+        weights = "DEFAULT" if pretrained else None
+        net = getattr(torchvision.models, name)(weights=weights)
+        self.name, self.small_input = name, image_size <= SMALL_INPUT_MAX
+        if name.startswith("resnet"):
+            if self.small_input:
+                net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+                net.maxpool = nn.Identity()
+            net.fc = nn.Linear(net.fc.in_features, num_classes)
+            self.stage_channels = [_out_channels(layer) for layer in
+                                   (net.layer1, net.layer2, net.layer3, net.layer4)]
+        else:
+            if self.small_input:
+                first = net.features[0][0]
+                net.features[0][0] = nn.Conv2d(3, first.out_channels, 3, 1, 1, bias=False)
+                nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
+            net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
+            self.stage_channels = [_out_channels(net.features[i]) for i in _MOBILENET_STAGE_ENDS]
+        self.net = net
+
+    def forward(self, x):
+        net, stages = self.net, []
+        if self.name.startswith("resnet"):
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+                x = layer(x)
+                stages.append(x)
+            embedding = torch.flatten(net.avgpool(x), 1)  # (B, d)
+            logits = net.fc(embedding)
+        else:
+            for i, module in enumerate(net.features):
+                x = module(x)
+                if i in _MOBILENET_STAGE_ENDS:
+                    stages.append(x)
+            embedding = x.mean(dim=(2, 3))  # (B, 1280)
+            logits = net.classifier(embedding)  # dropout + linear
+        return {"logits": logits, "embedding": embedding, "stages": stages}
+
+
+def _out_channels(module):
+    """Channels of the last conv in a module (for heads built on `stages`)."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+# ----------------------------------------------------------------------------------
+# Swin Transformers
+# ----------------------------------------------------------------------------------
+def swin_l(weights=None, **kwargs):
+    """Swin-L (Liu et al. 2021): embed 192, depths 2,2,18,2, heads 6,12,24,48,
+    window 7, built with torchvision's ``SwinTransformer`` (torchvision ships no
+    Swin-L constructor or weights; load the official weights with ``--weights``)."""
+    if weights is not None:
+        raise ValueError("torchvision has no Swin-L weights; pass a local file with --weights")
+    # not in the paper: drop-path 0.5, torchvision's value for swin_b (the largest it ships).
+    kwargs.setdefault("stochastic_depth_prob", 0.5)
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=192, depths=[2, 2, 18, 2],
+        num_heads=[6, 12, 24, 48], window_size=[7, 7], **kwargs)
+
+
+class Swin(nn.Module):
+    """torchvision Swin-T/S/B/L with the project's output dict.
+
+    torchvision's ``features`` alternates stage / patch-merging:
+    [patch_embed, stage1, merge, stage2, merge, stage3, merge, stage4]; we record
+    the output of each stage (channels-last inside Swin) as an NCHW map.
+
+    Shapes:
+        x (B, 3, H, W) -> logits (B, K), embedding (B, 8C) with C = 96 (t, s),
+        128 (b), 192 (l); stages [(B, C, H/4, W/4), (B, 2C, H/8, W/8),
+        (B, 4C, H/16, W/16), (B, 8C, H/32, W/32)].
+    """
+
+    def __init__(self, name, num_classes, pretrained=False):
+        super().__init__()
+        if name == "swin_l":
+            net = swin_l(weights="DEFAULT" if pretrained else None)
+        else:
+            net = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None)
+        net.head = nn.Linear(net.head.in_features, num_classes)
+        self.net = net
+        self.stage_channels = [net.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
+
+    def forward(self, x):
+        stages = []
+        for i, module in enumerate(self.net.features):
+            x = module(x)  # (B, H, W, C)
+            if i % 2 == 1:
+                stages.append(x.permute(0, 3, 1, 2))
+        x = self.net.norm(x)
+        embedding = x.mean(dim=(1, 2))  # (B, 8C)
+        return {"logits": self.net.head(embedding), "embedding": embedding, "stages": stages}
+
+
+# ----------------------------------------------------------------------------------
+def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
+                pretrained=False, weights=None):
+    """Build a backbone by name (see ``MODEL_NAMES``).
+
+    Args:
+        name: one of ``MODEL_NAMES``.
+        num_classes: K, the size of the final FC layer.
+        image_size: input side in px; decides the CIFAR stem of torchvision CNNs.
+        block, shortcut: CIFAR ResNet options (see ``CifarResNet``).
+        pretrained: load torchvision's ImageNet weights (needs them in the torch hub
+            cache or internet access); the K-way head is always new.
+        weights: path to a local state dict (a plain dict, or a checkpoint with a
+            ``"model"`` entry); tensors whose shape does not match (e.g. the head)
+            are skipped and reported.
+    """
+    if name in CIFAR_RESNETS:
+        if pretrained:
+            raise ValueError(f"no pretrained weights exist for {name}")
+        model = CifarResNet(CIFAR_RESNETS[name][0], num_classes, block, shortcut)
+    elif name in TORCHVISION_CNNS:
+        model = TorchvisionCNN(name, num_classes, image_size, pretrained)
+    elif name in SWINS:
+        model = Swin(name, num_classes, pretrained)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if weights:
+        load_partial_state_dict(model, weights)
+    return model
+
+
+def load_partial_state_dict(model, path):
+    """Load the tensors of ``path`` whose names and shapes match ``model``.
+
+    Accepts a bare state dict or a dict with a ``"model"`` entry, with or without
+    the ``net.`` prefix our torchvision wrappers add. Returns (loaded, skipped) names
+    and prints one summary line.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = model.state_dict()
+    prefix = "net." if any(k.startswith("net.") for k in own) else ""
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        target = key if key in own else prefix + key
+        if target in own and own[target].shape == value.shape:
+            loaded[target] = value
+        else:
+            skipped.append(key)
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in own if k not in loaded]
+    print(f"loaded {len(loaded)} tensors from {path}; skipped {len(skipped)} "
+          f"(e.g. {skipped[:3]}); left at init {len(missing)} (e.g. {missing[:3]})")
+    return list(loaded), skipped
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,393 @@
+"""Train a classifier with softmax CE, center loss or the joint CE + contrastive-center
+objective (Qi & Su 2017, Eq. 8), on any backbone of models.py and dataset of data.py.
+
+    python train.py --loss joint --model resnet34 --dataset lfw --data-path ../shared/data/lfw_top20
+    python train.py --recipe seed001-cifar10 --download
+
+Shaped after torchvision's references/classification/train.py: get_args_parser(),
+main(args), train_one_epoch(), evaluate(). Writes to --output-dir:
+    config.json      the resolved arguments (recipe + your flags)
+    metrics.jsonl    one JSON object per evaluation
+    checkpoint.pth   a plain dict (model, criterion, optimizer, scheduler, epoch,
+                     iteration, args), loadable with torch.load(weights_only=True)
+The reported result is the last evaluation, never the best one on the test set.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import losses
+import models
+
+# Paper hyper-parameters per recipe (SPEC.md Sec. 1 and 2); explicit flags override.
+RECIPES = {
+    # Seed 001, Sec. 3.2: batch 128, momentum 0.9, L2 1e-4, lr 0.01 for 500 iterations
+    # then 0.1, /10 at 32k, 48k and 64k iterations, stop at 80k; pixels x*2/255-1.
+    "seed001-cifar10": dict(
+        model="resnet32", block="preact", shortcut="B", dataset="cifar10", normalize="seed001",
+        loss="ce", batch_size=128, lr=0.1, momentum=0.9, wd=1e-4, warmup_iters=500,
+        warmup_lr=0.01, iters=80000, milestones=[32000, 48000, 64000], milestone_unit="iter"),
+    # Seed 000, LFW top-20: RandomResizedCrop 224 + flip, 300 epochs, lr 0.01, batch 64,
+    # lambda 1, delta 1, center lr 0.5.
+    # not in the paper: momentum 0.9, weight decay 5e-4, constant lr (no milestones given).
+    "lfw-joint": dict(
+        model="resnet34", dataset="lfw", image_size=224, loss="joint", epochs=300, lr=0.01,
+        batch_size=64, momentum=0.9, wd=5e-4, milestones=[], lam=1.0, delta=1.0, center_lr=0.5),
+    # Seed 000, CUB first 100 classes, 8:2 split: lr 0.1, x0.1 at epochs 50, 150, 250.
+    # not in the paper: 300 epochs (as for LFW), batch 64, momentum 0.9, weight decay 5e-4.
+    "cub-joint": dict(
+        model="resnet34", dataset="cub", cub_classes=100, image_size=224, loss="joint",
+        epochs=300, lr=0.1, batch_size=64, momentum=0.9, wd=5e-4, milestones=[50, 150, 250],
+        lam=1.0, delta=1.0, center_lr=0.5),
+}
+
+
+# ----------------------------------------------------------------------------------
+# Building blocks shared with evaluate.py
+# ----------------------------------------------------------------------------------
+def build_datasets_from_args(args):
+    return data.build_datasets(
+        args.dataset, args.data_path, download=args.download, image_size=args.image_size,
+        normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
+        split_seed=args.split_seed)
+
+
+def build_model_from_args(args, num_classes, load_weights=True):
+    return models.build_model(
+        args.model, num_classes, image_size=args.image_size or 32, block=args.block,
+        shortcut=args.shortcut, pretrained=args.pretrained and load_weights,
+        weights=args.weights if load_weights else None)
+
+
+def build_criterion(args, num_classes, feat_dim):
+    """CE, or the joint objective of Eq. 8 with a (contrastive-)center loss."""
+    if args.loss == "ce":
+        return None
+    if args.loss == "joint":
+        center = losses.ContrastiveCenterLoss(num_classes, feat_dim, args.delta, args.ctc_reduction)
+    else:
+        center = losses.CenterLoss(num_classes, feat_dim, args.ctc_reduction)
+    return losses.JointSupervisionLoss(center, args.lam)
+
+
+def compute_loss(criterion, out, labels):
+    """-> (loss, {name: detached part}) for one batch of model output."""
+    if criterion is None:
+        loss = F.cross_entropy(out["logits"], labels)
+        return loss, {"ce": loss.detach()}
+    return criterion(out["logits"], out["embedding"], labels)
+
+
+def build_optimizer(args, model, criterion):
+    """SGD over the network; the class centers get their own group (lr --center-lr,
+    no weight decay), as the paper trains them with their own SGD at lr 0.5."""
+    groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
+    if criterion is not None:
+        groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0,
+                       "lr": args.center_lr})
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def build_scheduler(args, optimizer, iters_per_epoch):
+    """Per-iteration schedule: ``--warmup-iters`` at ``--warmup-lr``, then ``--lr``
+    multiplied by ``--gamma`` at each milestone (seed 001: 0.01 for 500 iterations,
+    0.1, /10 at 32k/48k/64k). The centers' lr stays constant unless
+    ``--center-lr-schedule`` (our choice: the paper gives them a fixed 0.5)."""
+    scale = 1 if args.milestone_unit == "iter" else iters_per_epoch
+    milestone_iters = [m * scale for m in args.milestones]
+
+    def network_factor(iteration):
+        if iteration < args.warmup_iters:
+            return args.warmup_lr / args.lr
+        return args.gamma ** sum(iteration >= m for m in milestone_iters)
+
+    factors = [network_factor]
+    if len(optimizer.param_groups) > 1:
+        factors.append(network_factor if args.center_lr_schedule else (lambda iteration: 1.0))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename, so a kill never leaves a torn file."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------
+# Train / evaluate
+# ----------------------------------------------------------------------------------
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args):
+    """One pass over ``loader`` (or until ``state["total_iters"]``). ``state``
+    carries the global iteration count and timing; returns mean loss parts."""
+    model.train()
+    if criterion is not None:
+        criterion.train()
+    sums, count = {}, 0
+    window_start, window_images = time.time(), 0
+    for images, labels in loader:
+        if state["iteration"] >= state["total_iters"]:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        out = model(images)
+        loss, parts = compute_loss(criterion, out, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {state['iteration']}; "
+                                     f"lower --lr or --center-lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["iteration"] += 1
+        parts = {"loss": loss.detach(), **parts}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        count += 1
+        window_images += images.shape[0]
+        if state["iteration"] % args.print_freq == 0 or state["iteration"] == state["total_iters"]:
+            now = time.time()
+            done = state["iteration"] - state["start_iteration"]
+            eta = (now - state["start_time"]) / done * (state["total_iters"] - state["iteration"])
+            print(f"epoch {epoch} iter {state['iteration']}/{state['total_iters']} "
+                  + " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+                  + f" lr {optimizer.param_groups[0]['lr']:.4g}"
+                  f" {window_images / max(now - window_start, 1e-9):.1f} img/s"
+                  f" eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+            window_start, window_images = now, 0
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes):
+    """Top-1 / top-5 (%) and per-class top-1 on ``loader``; top-5 becomes top-k
+    with k = K when K < 5. Returns a dict of floats and a per_class list."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    class_correct = torch.zeros(num_classes, dtype=torch.long)
+    class_total = torch.zeros(num_classes, dtype=torch.long)
+    k = min(5, num_classes)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)["logits"]
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices                         # (B, k)
+        hit1 = (topk[:, 0] == labels).cpu()
+        correct1 += hit1.sum().item()
+        correct5 += (topk == labels[:, None]).any(1).sum().item()
+        total += labels.shape[0]
+        class_total += torch.bincount(labels.cpu(), minlength=num_classes)
+        class_correct += torch.bincount(labels.cpu()[hit1], minlength=num_classes)
+    per_class = (100.0 * class_correct / class_total.clamp_min(1)).tolist()
+    present = class_total > 0
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+            "loss": loss_sum / total, "n": total,
+            "balanced_top1": float(torch.tensor(per_class)[present].mean()),
+            "per_class": per_class}
+
+
+def make_loaders(args, train_set, test_set, device):
+    generator = torch.Generator().manual_seed(args.seed)
+    pin = device.type == "cuda"
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        pin_memory=pin, drop_last=len(train_set) > args.batch_size, generator=generator,
+        persistent_workers=args.workers > 0)
+    test_loader = torch.utils.data.DataLoader(
+        test_set, batch_size=args.eval_batch_size or args.batch_size, shuffle=False,
+        num_workers=args.workers, pin_memory=pin)
+    return train_loader, test_loader
+
+
+def default_output_dir(args):
+    name = args.recipe or f"{args.dataset}-{args.model}-{args.loss}"
+    return os.path.join("runs", f"{name}-seed{args.seed}")
+
+
+def main(args):
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    args.output_dir = args.output_dir or default_output_dir(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print("config: " + json.dumps(vars(args), sort_keys=True), flush=True)
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True)
+
+    train_set, test_set, num_classes = build_datasets_from_args(args)
+    train_loader, test_loader = make_loaders(args, train_set, test_set, device)
+    model = build_model_from_args(args, num_classes).to(device)
+    with torch.no_grad():  # the embedding width, read from one forward pass
+        was_training = model.training
+        model.eval()
+        feat_dim = model(train_set[0][0][None].to(device))["embedding"].shape[1]
+        model.train(was_training)
+    criterion = build_criterion(args, num_classes, feat_dim)
+    if criterion is not None:
+        criterion.to(device)
+    optimizer = build_optimizer(args, model, criterion)
+    iters_per_epoch = len(train_loader)
+    total_iters = args.iters or args.epochs * iters_per_epoch
+    epochs = math.ceil(total_iters / iters_per_epoch)
+    scheduler = build_scheduler(args, optimizer, iters_per_epoch)
+    print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
+          f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
+          f"{iters_per_epoch} iterations per epoch, {total_iters} in all ({epochs} epochs) on {device}",
+          flush=True)
+
+    start_epoch, iteration = 0, 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        if criterion is not None:
+            criterion.load_state_dict(ckpt["criterion"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+        print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {iteration}", flush=True)
+
+    def checkpoint(epoch):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "criterion": criterion.state_dict() if criterion is not None else {},
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "iteration": state["iteration"],
+                "num_classes": num_classes, "args": vars(args)}
+
+    state = {"iteration": iteration, "start_iteration": iteration, "total_iters": total_iters,
+             "start_time": time.time()}
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if not args.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
+    result = None
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, epochs):
+            if state["iteration"] >= total_iters:
+                break
+            train_stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader,
+                                          device, epoch, state, args)
+            last = state["iteration"] >= total_iters
+            if (epoch + 1) % args.eval_every and not last:
+                continue
+            result = evaluate(model, test_loader, device, num_classes)
+            record = {"epoch": epoch, "iteration": state["iteration"],
+                      **{f"train_{k}": v for k, v in train_stats.items()},
+                      "test_top1": result["top1"], "test_top5": result["top5"],
+                      "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": round(time.time() - state["start_time"], 1)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
+                  f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
+                  f"balanced {result['balanced_top1']:.2f}", flush=True)
+            save_checkpoint(checkpoint(epoch), ckpt_path)
+    except KeyboardInterrupt:
+        print(f"interrupted in epoch {epoch}; the last evaluated epoch is in {ckpt_path}: "
+              f"continue with --resume {ckpt_path}", flush=True)
+        return 130
+    if result is not None:
+        print(f"final (last evaluation, epoch {epoch}): top1 {result['top1']:.2f} "
+              f"top5 {result['top5']:.2f} balanced top1 {result['balanced_top1']:.2f}", flush=True)
+    return 0
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="fill in a paper's hyper-parameters")
+    # model
+    p.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES)
+    p.add_argument("--block", default="post", choices=["post", "preact"],
+                   help="CIFAR ResNet unit: original post-activation, or seed 001's pre-activation")
+    p.add_argument("--shortcut", default="A", choices=["A", "B"], help="CIFAR ResNet shortcut option")
+    p.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
+    p.add_argument("--weights", help="local state dict to initialise the backbone from")
+    # loss
+    p.add_argument("--loss", default="ce", choices=["ce", "center", "joint"],
+                   help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center loss")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="lambda of Eq. 8")
+    p.add_argument("--delta", type=float, default=1.0, help="delta of Eq. 7")
+    p.add_argument("--ctc-reduction", default="sum", choices=["sum", "mean"],
+                   help="center-loss sum over the batch (paper) or mean")
+    p.add_argument("--center-lr", type=float, default=0.5, help="SGD lr of the class centers")
+    p.add_argument("--center-lr-schedule", action="store_true",
+                   help="also apply warm-up/milestones to the centers' lr (default: constant)")
+    # data
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    p.add_argument("--data-path", help="dataset root or .npz file (cifar default: ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR with torchvision")
+    p.add_argument("--image-size", type=int, help="input side (default: 32 for CIFAR/npz, else 224)")
+    p.add_argument("--normalize", choices=sorted(data.NORMALIZATIONS),
+                   help="pixel normalisation (default per dataset; seed001 = x*2/255-1)")
+    p.add_argument("--lfw-top-k", type=int, default=20, help="LFW: keep the k identities with most images")
+    p.add_argument("--cub-classes", type=int, help="CUB: keep the first N classes, 8:2 split")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the LFW / CUB-subset 8:2 split (fixed across --seed on purpose)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    # schedule
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--iters", type=int, default=0, help="total iterations; overrides --epochs")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=0, help="default: --batch-size")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the network")
+    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150],
+                   help="multiply the lr by --gamma at these epochs (or iterations)")
+    p.add_argument("--milestone-unit", default="epoch", choices=["epoch", "iter"])
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--warmup-lr", type=float, default=0.01)
+    # run
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--print-freq", type=int, default=50, help="progress line every N iterations")
+    p.add_argument("--resume", help="checkpoint.pth to continue from (start of its next epoch)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse twice so a --recipe's values become defaults that explicit flags override."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.recipe:
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "print_freq", "eval_every"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        sys.exit(main(arguments))
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
