@@ -209,17 +209,16 @@ def evaluate(model, loader, device, num_classes):
             "per_class": per_class}
 
 
-def make_loaders(args, train_set, test_set, device):
-    generator = torch.Generator().manual_seed(args.seed)
-    pin = device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(
+def make_train_loader(args, train_set, device):
+    return torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-        pin_memory=pin, drop_last=len(train_set) > args.batch_size, generator=generator,
-        persistent_workers=args.workers > 0)
-    test_loader = torch.utils.data.DataLoader(
-        test_set, batch_size=args.eval_batch_size or args.batch_size, shuffle=False,
-        num_workers=args.workers, pin_memory=pin)
-    return train_loader, test_loader
+        pin_memory=device.type == "cuda", drop_last=len(train_set) > args.batch_size,
+        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+
+
+def make_test_loader(test_set, batch_size, workers, device):
+    return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, pin_memory=device.type == "cuda")
 
 
 def default_output_dir(args):
@@ -237,7 +236,8 @@ def main(args):
         json.dump(vars(args), f, indent=2, sort_keys=True)
 
     train_set, test_set, num_classes = build_datasets_from_args(args)
-    train_loader, test_loader = make_loaders(args, train_set, test_set, device)
+    train_loader = make_train_loader(args, train_set, device)
+    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
     model = build_model_from_args(args, num_classes).to(device)
     with torch.no_grad():  # the embedding width, read from one forward pass
         was_training = model.training

@@ -1,0 +1,455 @@
+"""All tests. Run as ``python test_all.py`` (prints ``N passed, N failed``) or
+``python -m pytest test_all.py``. Tiny models and inputs: under 5 minutes on 2 CPU cores.
+
+Loss tests compare against per-sample Python loops written from the paper's
+equation (floats and ``math``, not tensors), in float64.
+"""
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import losses
+import models
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+
+
+@contextlib.contextmanager
+def tmpdir():
+    path = tempfile.mkdtemp(prefix="test_all_")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------
+# Losses vs naive loops
+# ----------------------------------------------------------------------------------
+def naive_contrastive_center(x, y, c, delta, reduction="sum"):
+    """Eq. 7 of Qi & Su 2017, one sample and one center at a time."""
+    B, K, d = len(x), len(c), len(x[0])
+    total = 0.0
+    for i in range(B):
+        own = sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(d))
+        others = sum(sum((x[i][k] - c[j][k]) ** 2 for k in range(d)) for j in range(K) if j != y[i])
+        total += 0.5 * own / (others + delta)
+    return total if reduction == "sum" else total / B
+
+
+def naive_center(x, y, c, reduction="sum"):
+    """Eq. 2 of Wen et al. 2016."""
+    total = sum(0.5 * sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(len(x[0]))) for i in range(len(x)))
+    return total if reduction == "sum" else total / len(x)
+
+
+def _features_and_centers(B, K, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(K, d, generator=g, dtype=torch.float64)
+
+
+def test_contrastive_center_matches_naive_loop_with_absent_class():
+    x, c = _features_and_centers(7, 5, 3)
+    y = torch.tensor([0, 1, 1, 3, 0, 4, 3])  # class 2 absent from the batch
+    for reduction in ("sum", "mean"):
+        loss = losses.ContrastiveCenterLoss(5, 3, delta=0.7, reduction=reduction).double()
+        loss.centers.data.copy_(c)
+        want = naive_contrastive_center(x.tolist(), y.tolist(), c.tolist(), 0.7, reduction)
+        assert abs(loss(x, y).item() - want) < 1e-12, (reduction, loss(x, y).item(), want)
+
+
+def test_contrastive_center_single_sample_and_single_class():
+    x, c = _features_and_centers(1, 4, 6, seed=1)
+    y = torch.tensor([2])
+    loss = losses.ContrastiveCenterLoss(4, 6).double()
+    loss.centers.data.copy_(c)
+    assert abs(loss(x, y).item() - naive_contrastive_center(x.tolist(), [2], c.tolist(), 1.0)) < 1e-12
+    # K = 1: no other center, the denominator is delta alone.
+    one = losses.ContrastiveCenterLoss(1, 6, delta=2.0).double()
+    one.centers.data.copy_(c[:1])
+    want = 0.5 * sum((a - b) ** 2 for a, b in zip(x[0].tolist(), c[0].tolist())) / 2.0
+    assert abs(one(x, torch.tensor([0])).item() - want) < 1e-12
+
+
+def test_contrastive_center_gradcheck():
+    x, c = _features_and_centers(4, 3, 2, seed=2)
+    y = torch.tensor([0, 2, 2, 1])
+    loss = losses.ContrastiveCenterLoss(3, 2).double()
+
+    def f(features, centers):
+        return torch.func.functional_call(loss, {"centers": centers}, (features, y))
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), c.requires_grad_()))
+
+
+def test_center_loss_matches_naive_loop():
+    x, c = _features_and_centers(6, 4, 3, seed=3)
+    y = torch.tensor([3, 3, 0, 1, 0, 3])  # class 2 absent
+    for reduction in ("sum", "mean"):
+        loss = losses.CenterLoss(4, 3, reduction).double()
+        loss.centers.data.copy_(c)
+        want = naive_center(x.tolist(), y.tolist(), c.tolist(), reduction)
+        assert abs(loss(x, y).item() - want) < 1e-12
+
+
+def test_joint_loss_is_ce_plus_lambda_times_center_term():
+    x, c = _features_and_centers(5, 3, 4, seed=4)
+    logits = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = [2, 0, 0, 1, 2]
+    ctc = losses.ContrastiveCenterLoss(3, 4).double()
+    ctc.centers.data.copy_(c)
+    total, parts = losses.JointSupervisionLoss(ctc, lam=0.3)(logits, x, torch.tensor(y))
+    ce = sum(-logits[i, y[i]].item() + math.log(sum(math.exp(v) for v in logits[i].tolist()))
+             for i in range(5)) / 5
+    want = ce + 0.3 * naive_contrastive_center(x.tolist(), y, c.tolist(), 1.0)  # Eq. 8
+    assert abs(total.item() - want) < 1e-12
+    assert abs(parts["ce"].item() - ce) < 1e-12
+
+
+def test_center_losses_keep_float32_under_half_precision_features():
+    loss = losses.ContrastiveCenterLoss(3, 4)
+    out = loss(torch.randn(5, 4).to(torch.bfloat16), torch.tensor([0, 1, 2, 0, 1]))
+    assert out.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------
+def test_cifar_resnet_parameter_table_in_docstring():
+    rows = re.findall(r"^\s*(resnet\d+)\s+(\d+)\s+([\d.]+)M\s+([\d.]+)\s*$", models.__doc__, re.M)
+    assert len(rows) == 5, rows
+    for name, depth, params_m, _error in rows:
+        model = models.build_model(name, 10)
+        n = models.count_parameters(model)
+        decimals = len(params_m.split(".")[1])
+        assert round(n / 1e6, decimals) == float(params_m), (name, n, params_m)
+        layers = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)) + 1
+        assert layers == int(depth), (name, layers)
+    assert models.count_parameters(models.build_model("resnet32", 10, block="preact")) == 464154
+
+
+def _check_output(model, x, k):
+    out = model(x)
+    assert set(out) == {"logits", "embedding", "stages"}
+    assert out["logits"].shape == (x.shape[0], k)
+    assert out["embedding"].shape[0] == x.shape[0] and out["embedding"].ndim == 2
+    assert [s.shape[1] for s in out["stages"]] == model.stage_channels
+    sides = [s.shape[-1] for s in out["stages"]]
+    assert sides == sorted(sides, reverse=True) and all(s.ndim == 4 for s in out["stages"])
+    return out
+
+
+def test_model_output_dicts():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for block in ("post", "preact"):
+        for shortcut in ("A", "B"):
+            out = _check_output(models.build_model("resnet20", 7, block=block, shortcut=shortcut), x, 7)
+            assert out["embedding"].shape == (2, 64) and len(out["stages"]) == 3
+    for name, dim in (("resnet18", 512), ("mobilenet_v2", 1280)):
+        out = _check_output(models.build_model(name, 5, image_size=32), x, 5)
+        assert out["embedding"].shape == (2, dim) and len(out["stages"]) == 4
+        assert out["stages"][0].shape[-1] >= 16  # CIFAR stem kept the resolution
+    out = _check_output(models.build_model("resnet18", 5, image_size=96), torch.randn(2, 3, 96, 96), 5)
+    assert out["stages"][0].shape[-1] == 24  # ImageNet stem: /4
+    out = _check_output(models.build_model("swin_t", 4).eval(), x, 4)
+    assert out["embedding"].shape == (2, 768) and len(out["stages"]) == 4
+
+
+def test_embedding_is_the_input_of_the_final_fc():
+    model = models.build_model("resnet20", 6).eval()
+    out = model(torch.randn(3, 3, 32, 32))
+    torch.testing.assert_close(model.fc(out["embedding"]), out["logits"])
+
+
+def test_swin_l_configuration():
+    with torch.device("meta"):
+        model = models.build_model("swin_l", 1000)
+    # Liu et al. 2021, Table 1: Swin-L has 197M parameters.
+    assert abs(models.count_parameters(model) / 1e6 - 197) < 1.0
+    assert model.stage_channels == [192, 384, 768, 1536]
+    assert [len(model.net.features[i]) for i in (1, 3, 5, 7)] == [2, 2, 18, 2]
+    assert model.net.features[7][0].attn.num_heads == 48
+
+
+def test_seed001_first_unit_activates_before_the_split():
+    model = models.build_model("resnet20", 10, block="preact").eval()
+    first, second = model.groups[0][0], model.groups[0][1]
+    for unit in (first, second):
+        torch.nn.init.zeros_(unit.conv2.weight)  # residual branch outputs 0: only the shortcut remains
+        unit.bn1.running_mean.fill_(0.5)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), torch.relu(first.bn1(x)))  # shortcut saw BN+ReLU
+        torch.testing.assert_close(second(x), x)                        # plain identity
+
+
+def test_load_partial_state_dict_skips_the_mismatched_head():
+    src = models.build_model("resnet20", 10)
+    with tmpdir() as d:
+        path = os.path.join(d, "w.pth")
+        torch.save({"model": src.state_dict()}, path)
+        dst = models.build_model("resnet20", 3, weights=path)
+    torch.testing.assert_close(dst.stem[0].weight, src.stem[0].weight)
+    assert dst.fc.weight.shape == (3, 64)
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+def _write_npz(path, n_train=40, n_test=20, classes=4, side=32, **override):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (n_train, side, side, 3), dtype=np.uint8),
+                  y_train=np.arange(n_train) % classes,
+                  x_test=rng.integers(0, 256, (n_test, side, side, 3), dtype=np.uint8),
+                  y_test=np.arange(n_test) % classes)
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def _jpeg(path, side=40, mode="L", value=128):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, (side, side), value if mode == "L" else (value, value // 2, 0)).save(path)
+
+
+def test_npz_dataset_and_malformed_file():
+    with tmpdir() as d:
+        path = _write_npz(os.path.join(d, "t.npz"))
+        train_set, test_set, k = data.build_datasets("npz", path)
+        assert (len(train_set), len(test_set), k) == (40, 20, 4)
+        image, label = train_set[5]
+        assert image.shape == (3, 32, 32) and label == 1 and image.dtype == torch.float32
+        bad = _write_npz(os.path.join(d, "bad.npz"), y_test=None)
+        _expect_data_error(lambda: data.build_datasets("npz", bad), "y_test")
+        _expect_data_error(lambda: data.build_datasets("npz", os.path.join(d, "none.npz")), "--data-path")
+
+
+def _expect_data_error(fn, fragment):
+    try:
+        fn()
+    except data.DataError as e:
+        assert fragment in str(e) and "\n" not in str(e), str(e)
+        return
+    raise AssertionError("no DataError raised")
+
+
+def test_seed001_pixel_scaling_and_cifar_std():
+    _, test = data.cifar_transforms("seed001")
+    img = Image.fromarray(np.array([[[0, 255, 51]]], dtype=np.uint8))
+    torch.testing.assert_close(test(img).flatten(), torch.tensor([0 * 2 / 255 - 1, 255 * 2 / 255 - 1, 51 * 2 / 255 - 1]))
+    assert data.CIFAR_STD == (0.2470, 0.2435, 0.2616)
+
+
+def test_lfw_top_k_ties_split_and_grayscale():
+    with tmpdir() as d:
+        counts = {"Zed_A": 10, "Amy_B": 10, "Bob_C": 5, "Cat_D": 5, "Dan_E": 3}
+        for name, n in counts.items():
+            for i in range(1, n + 1):
+                _jpeg(os.path.join(d, name, f"{name}_{i:04d}.jpg"))
+        train_set, test_set, k = data.build_datasets("lfw", d, image_size=32, lfw_top_k=3)
+        # 10, 10 then the tie at 5 goes to the alphabetically first name (Bob_C).
+        assert k == 3 and train_set.classes == ["Amy_B", "Bob_C", "Zed_A"]
+        assert sorted(train_set.targets) == [0] * 8 + [1] * 4 + [2] * 8
+        assert sorted(test_set.targets) == [0] * 2 + [1] * 1 + [2] * 2
+        train_paths = {p for p, _ in train_set.samples}
+        assert not train_paths & {p for p, _ in test_set.samples}
+        again, _, _ = data.build_datasets("lfw", d, image_size=32, lfw_top_k=3)
+        assert {p for p, _ in again.samples} == train_paths  # seeded
+        other, _, _ = data.build_datasets("lfw", d, image_size=32, lfw_top_k=3, split_seed=1)
+        assert {p for p, _ in other.samples} != train_paths
+        assert test_set[0][0].shape == (3, 32, 32)
+        test_set.transform = None
+        pixels = np.asarray(test_set[0][0])
+        assert pixels.shape == (40, 40, 3) and (pixels == pixels[..., :1]).all()  # gray -> 3 equal channels
+        _expect_data_error(lambda: data.build_datasets("lfw", os.path.join(d, "Dan_E")), "--data-path")
+
+
+def _write_cub(root, classes=3, per_class=5):
+    lines, labels, split = [], [], []
+    for c in range(classes):
+        for i in range(per_class):
+            image_id = c * per_class + i + 1
+            rel = f"{c + 1:03d}.Bird_{c}/Bird_{c}_{i}.jpg"
+            _jpeg(os.path.join(root, "images", rel), mode="RGB", value=20 * c)
+            lines.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {int(i < 3)}")
+    for name, rows in (("images.txt", lines), ("image_class_labels.txt", labels),
+                       ("train_test_split.txt", split),
+                       ("classes.txt", [f"{c + 1} {c + 1:03d}.Bird_{c}" for c in range(classes)])):
+        with open(os.path.join(root, name), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+def test_cub_official_split_and_first_n_classes():
+    with tmpdir() as d:
+        _write_cub(d)
+        train_set, test_set, k = data.build_datasets("cub", d, image_size=32)
+        assert (k, len(train_set), len(test_set)) == (3, 9, 6)
+        assert train_set.classes[1] == "002.Bird_1"
+        assert train_set[0][0].shape == (3, 32, 32)
+        sub_train, sub_test, k = data.build_datasets("cub", d, image_size=32, cub_classes=2)
+        assert k == 2 and sorted(sub_train.targets) == [0] * 4 + [1] * 4 and len(sub_test) == 2
+        os.remove(os.path.join(d, "train_test_split.txt"))
+        _expect_data_error(lambda: data.build_datasets("cub", d), "train_test_split.txt")
+
+
+def test_imagefolder_dataset():
+    with tmpdir() as d:
+        for split in ("train", "val"):
+            for cls in ("cat", "dog"):
+                _jpeg(os.path.join(d, split, cls, "a.jpg"), mode="RGB")
+        train_set, test_set, k = data.build_datasets("imagefolder", d, image_size=32)
+        assert k == 2 and len(train_set) == 2 and test_set[1][1] == 1
+        shutil.rmtree(os.path.join(d, "val"))
+        _expect_data_error(lambda: data.build_datasets("imagefolder", d), "val")
+
+
+def test_missing_cifar_says_download():
+    with tmpdir() as d:
+        _expect_data_error(lambda: data.build_datasets("cifar10", d), "--download")
+
+
+def test_shared_real_data_if_present():
+    npz = os.path.join(SHARED_DATA, "cifar10_subset.npz")
+    if not os.path.exists(npz):
+        print("  skipped: ../shared/data not found")
+        return
+    train_set, test_set, k = data.build_datasets("npz", npz)
+    assert (len(train_set), len(test_set), k) == (10000, 10000, 10)
+    lfw_train, lfw_test, k = data.build_datasets("lfw", os.path.join(SHARED_DATA, "lfw_top20"))
+    assert k == 20 and len(lfw_train) + len(lfw_test) == 1906
+    assert lfw_train.classes[0] == "Alejandro_Toledo"
+
+
+# ----------------------------------------------------------------------------------
+# Training pieces
+# ----------------------------------------------------------------------------------
+def test_recipe_defaults_and_explicit_override():
+    args = train.parse_args(["--recipe", "seed001-cifar10", "--lr", "0.2"])
+    assert args.lr == 0.2 and args.iters == 80000 and args.block == "preact"
+    assert args.milestones == [32000, 48000, 64000] and args.normalize == "seed001"
+    assert train.parse_args([]).lr == 0.1 and train.parse_args([]).recipe is None
+
+
+def test_seed001_schedule_and_constant_center_lr():
+    args = train.parse_args(["--recipe", "seed001-cifar10", "--loss", "joint"])
+    model = torch.nn.Linear(2, 2)
+    criterion = train.build_criterion(args, 2, 2)
+    optimizer = train.build_optimizer(args, model, criterion)
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=391)
+    want = {0: 0.01, 499: 0.01, 500: 0.1, 31999: 0.1, 32000: 0.01, 48000: 0.001, 64000: 0.0001, 79999: 0.0001}
+    seen = {}
+    for it in range(80000):
+        if it in want:
+            seen[it] = (optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for it, lr in want.items():
+        assert math.isclose(seen[it][0], lr, rel_tol=1e-9), (it, seen[it])
+        assert seen[it][1] == 0.5
+
+
+def test_epoch_milestones_scale_by_iterations_per_epoch():
+    args = train.parse_args(["--milestones", "2", "3", "--lr", "1.0"])
+    optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
+    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=10)
+    lrs = []
+    for _ in range(35):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[19] == 1.0 and math.isclose(lrs[20], 0.1) and math.isclose(lrs[30], 0.01)
+
+
+def _run(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def test_train_and_evaluate_end_to_end():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=48, n_test=24)
+        out = os.path.join(d, "run")
+        common = ["train.py", "--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                  "--loss", "joint", "--batch-size", "16", "--workers", "0", "--epochs", "2",
+                  "--milestones", "1", "--print-freq", "1", "--output-dir", out, "--device", "cpu"]
+        r = _run(*common)
+        assert r.returncode == 0, r.stderr
+        assert "img/s" in r.stdout and "eta" in r.stdout
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        assert [row["epoch"] for row in rows] == [0, 1] and rows[-1]["iteration"] == 6
+        assert {"train_loss", "train_ce", "train_center", "test_top1", "test_top5", "lr", "seconds"} <= set(rows[0])
+        ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+        assert {"model", "optimizer", "scheduler", "criterion", "epoch", "iteration", "args"} <= set(ckpt)
+        assert ckpt["criterion"]["center_loss.centers"].shape == (4, 64)
+        assert json.load(open(os.path.join(out, "config.json")))["loss"] == "joint"
+        r = _run("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json",
+                 "--workers", "0", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert abs(result["top1"] - rows[-1]["test_top1"]) < 1e-9 and len(result["per_class"]) == 4
+        # resume: a third epoch continues from the saved iteration
+        r = _run(*common, "--epochs", "3", "--resume", os.path.join(out, "checkpoint.pth"))
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[-1]["iteration"] == 9
+
+
+def test_same_seed_same_run():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=32, n_test=8)
+        args = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size", "8",
+                "--workers", "0", "--iters", "3", "--device", "cpu", "--seed", "3"]
+        finals = []
+        for run in ("a", "b"):
+            train.main(train.parse_args(args + ["--output-dir", os.path.join(d, run)]))
+            finals.append(torch.load(os.path.join(d, run, "checkpoint.pth"), weights_only=True)["model"])
+        for key in finals[0]:
+            assert torch.equal(finals[0][key], finals[1][key]), key
+
+
+def test_missing_data_is_one_line_and_exit_code_2():
+    r = _run("train.py", "--dataset", "npz", "--data-path", "/nonexistent/x.npz")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--data-path" in r.stderr
+    with tmpdir() as d:
+        r = _run("train.py", "--data-path", d, "--workers", "0")
+        assert r.returncode == 2 and "--download" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------
+def _main():
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    passed = failed = 0
+    for name, fn in tests:
+        start = time.time()
+        try:
+            fn()
+            passed += 1
+            print(f"PASS {name} ({time.time() - start:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
