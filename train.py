@@ -238,7 +238,10 @@ def main(args):
     train_set, test_set, num_classes = build_datasets_from_args(args)
     train_loader = make_train_loader(args, train_set, device)
     test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
-    model = build_model_from_args(args, num_classes).to(device)
+    try:
+        model = build_model_from_args(args, num_classes).to(device)
+    except (ValueError, OSError, RuntimeError) as e:  # bad option, missing --weights file, no network
+        raise data.DataError(f"cannot build {args.model}: {str(e).splitlines()[0]}") from None
     with torch.no_grad():  # the embedding width, read from one forward pass
         was_training = model.training
         model.eval()
