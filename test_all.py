@@ -5,6 +5,7 @@ Loss tests compare against per-sample Python loops written from the paper's
 equation (floats and ``math``, not tensors), in float64.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -432,6 +433,183 @@ def test_missing_data_is_one_line_and_exit_code_2():
     with tmpdir() as d:
         r = _run("train.py", "--data-path", d, "--workers", "0")
         assert r.returncode == 2 and "--download" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------
+# Reliability: exact resume, signals, non-finite losses, one-line errors
+# ----------------------------------------------------------------------------------
+def test_sampler_resumes_mid_epoch_and_augmentation_ignores_workers():
+    sampler = data.ResumableSampler(10, seed=4)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.set_epoch(3, start=6)
+    assert list(sampler) == full[6:] and len(sampler) == 4
+    sampler.set_epoch(4)
+    assert [i for i, _ in sampler] != [i for i, _ in full] and sorted(i for i, _ in full) == list(range(10))
+    with tmpdir() as d:
+        train_set, _, _ = data.build_datasets("npz", _write_npz(os.path.join(d, "t.npz"), n_train=16))
+        batches = []
+        for workers in (0, 2):
+            sampler = data.ResumableSampler(16, seed=1)
+            loader = torch.utils.data.DataLoader(data.PerSampleSeed(train_set), batch_size=8,
+                                                 sampler=sampler, num_workers=workers)
+            batches.append(next(iter(loader))[0])
+        assert torch.equal(batches[0], batches[1])
+        state = torch.get_rng_state()
+        data.PerSampleSeed(train_set)[(0, 123)]
+        assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+
+
+def _train_cmd(npz, out, *extra):
+    return [sys.executable, "train.py", "--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+            "--loss", "joint", "--batch-size", "4", "--workers", "0", "--epochs", "2",
+            "--milestones", "1", "--print-freq", "1", "--device", "cpu", "--output-dir", out, *extra]
+
+
+def _kill_when(cmd, needle, sig):
+    """Start cmd, send ``sig`` once a stdout line contains ``needle``; returns (rc, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + out, err
+
+
+def _rows_without_time(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+
+
+def test_resume_after_sigkill_is_bit_identical():
+    import signal
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=48, n_test=8)  # 12 iterations per epoch
+        straight, killed = os.path.join(d, "straight"), os.path.join(d, "killed")
+        r = subprocess.run(_train_cmd(npz, straight, "--save-every", "5"), cwd=HERE,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        rc, _, _ = _kill_when(_train_cmd(npz, killed, "--save-every", "5"), "iter 11/24", signal.SIGKILL)
+        assert rc == -signal.SIGKILL
+        at = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)["iteration"]
+        assert 10 <= at < 24, at
+        r = subprocess.run(_train_cmd(npz, killed, "--save-every", "5", "--resume", "auto"), cwd=HERE,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0 and f"resumed from {os.path.join(killed, 'checkpoint.pth')} at iteration {at}" in r.stdout
+        a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=True)
+        b = torch.load(os.path.join(killed, "checkpoint.pth"), weights_only=True)
+        for part in ("model", "criterion"):
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), (part, key)
+        # identical rows except the wall-clock "seconds"
+        assert _rows_without_time(os.path.join(straight, "metrics.jsonl")) == \
+            _rows_without_time(os.path.join(killed, "metrics.jsonl"))
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
+    import signal
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=48, n_test=8)
+        out = os.path.join(d, "run")
+        rc, stdout, stderr = _kill_when(_train_cmd(npz, out), "iter 3/24", signal.SIGTERM)
+        assert rc == 128 + signal.SIGTERM and "--resume auto" in stderr, (rc, stderr)
+        ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+        assert 3 <= ckpt["iteration"] < 24 and not os.path.exists(os.path.join(out, "checkpoint.pth.tmp"))
+
+
+def test_nonfinite_loss_stops_with_the_term_or_is_skipped():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=32, n_test=8)
+        r = subprocess.run(_train_cmd(npz, os.path.join(d, "a"), "--lr", "1e30"), cwd=HERE,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 3 and "Traceback" not in r.stderr
+        assert re.search(r"non-finite loss \((ce|center|ce, center)\) at iteration \d+", r.stderr), r.stderr
+        r = subprocess.run(_train_cmd(npz, os.path.join(d, "b"), "--lr", "1e30", "--skip-nonfinite", "100"),
+                           cwd=HERE, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in open(os.path.join(d, "b", "metrics.jsonl"))]
+        assert rows[-1]["skipped_nonfinite"] > 0
+
+
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
+    with tmpdir() as d:
+        good = _write_npz(os.path.join(d, "good.npz"), n_train=16, n_test=8)
+        floats = _write_npz(os.path.join(d, "floats.npz"), x_train=np.zeros((16, 32, 32, 3), np.float32))
+        short = _write_npz(os.path.join(d, "short.npz"), y_train=np.zeros(5, np.int64))
+        labels = _write_npz(os.path.join(d, "labels.npz"), y_test=-np.ones(20, np.int64))
+        empty = os.path.join(d, "empty")
+        os.makedirs(empty)
+        folder = os.path.join(d, "folder")
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                _jpeg(os.path.join(folder, split, cls, "ok.jpg"), mode="RGB")
+        broken = os.path.join(folder, "train", "b", "broken.jpg")
+        with open(broken, "wb") as f:
+            f.write(b"not a jpeg")
+        a_file = os.path.join(d, "a_file")
+        open(a_file, "w").close()
+        old = os.path.join(d, "old")
+        subprocess.run(_train_cmd(good, old, "--iters", "1"), cwd=HERE, capture_output=True, timeout=240)
+        foreign = os.path.join(d, "foreign.pth")
+        torch.save({"hello": 1}, foreign)
+        truncated = os.path.join(d, "truncated.pth")
+        with open(os.path.join(old, "checkpoint.pth"), "rb") as src, open(truncated, "wb") as dst:
+            dst.write(src.read(200))
+        npz_run = ["--dataset", "npz", "--workers", "0", "--batch-size", "8"]
+        cases = [
+            (["--dataset", "npz", "--data-path", os.path.join(d, "missing.npz")], "does not exist"),
+            (["--dataset", "lfw", "--data-path", empty], "identity folders"),
+            (npz_run + ["--data-path", floats], "must be uint8"),
+            (npz_run + ["--data-path", short], "labels have 5"),
+            (npz_run + ["--data-path", labels], "outside [0,"),
+            (["--dataset", "imagefolder", "--data-path", folder, "--image-size", "32", "--batch-size", "2",
+              "--workers", "0"], broken),  # found while training: a config.json may exist, no torn file
+            (["--dataset", "imagefolder", "--data-path", folder, "--image-size", "32", "--batch-size", "2",
+              "--workers", "1"], broken),
+            (npz_run + ["--data-path", good, "--output-dir", os.path.join(a_file, "sub")], "--output-dir"),
+            (npz_run + ["--data-path", good, "--batch-size", "64"], "larger than the training set"),
+            (npz_run + ["--data-path", good, "--resume", truncated], "truncated"),
+            (npz_run + ["--data-path", good, "--resume", foreign], "not a train.py checkpoint"),
+            (npz_run + ["--data-path", good, "--model", "resnet32", "--resume",
+                        os.path.join(old, "checkpoint.pth")], "does not fit this resnet32"),
+        ]
+        for argv, fragment in cases:
+            out = os.path.join(d, "out")
+            r = _run("train.py", *argv, "--output-dir", out) if "--output-dir" not in argv else _run("train.py", *argv)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+            assert fragment in lines[0], (fragment, lines[0])
+            if fragment == broken:
+                assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+                shutil.rmtree(out)
+            assert not os.path.exists(out), argv  # nothing half-written
+        for argv in (["--model", "resnet7"], ["--loss", "arcface"], ["--recipe", "nope"], ["--workers", "-1"]):
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                try:
+                    train.parse_args(argv)
+                    raise AssertionError(f"{argv} accepted")
+                except SystemExit as e:
+                    assert e.code == 2
+            assert len(stderr.getvalue().strip().splitlines()) == 1 and argv[0] in stderr.getvalue()
+        r = _run("train.py", "--dataset", "imagefolder", "--data-path", folder, "--image-size", "32",
+                 "--batch-size", "2", "--workers", "0", "--iters", "1", "--skip-corrupt",
+                 "--output-dir", os.path.join(d, "skip"))
+        assert r.returncode == 0 and "dropped 1 unreadable images" in r.stdout, r.stderr
+
+
+def test_deterministic_flag():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
+        try:
+            train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                         "--batch-size", "8", "--workers", "0", "--iters", "2",
+                                         "--deterministic", "--output-dir", os.path.join(d, "r")]))
+            assert torch.are_deterministic_algorithms_enabled()
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 # ----------------------------------------------------------------------------------
