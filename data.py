@@ -18,6 +18,7 @@ Formats (SPEC.md Sec. 6):
                        train_test_split.txt, images/
 """
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -206,7 +207,7 @@ def load_npz(path, transforms):
         raise DataError(f"--data-path {path} is a folder; --dataset npz needs the .npz file itself")
     try:
         arrays = np.load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}); pass "
                         f"--data-path FILE.npz with keys x_train, y_train, x_test, y_test") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
@@ -217,6 +218,9 @@ def load_npz(path, transforms):
     for key, x in (("x_train", x_train), ("x_test", x_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise DataError(f"{path}: {key} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    for key in ("y_train", "y_test"):
+        if not np.issubdtype(arrays[key].dtype, np.integer):
+            raise DataError(f"{path}: {key} must hold integer class indices, got {arrays[key].dtype}")
     y_train, y_test = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
     for x_key, x, y in (("x_train", x_train, y_train), ("x_test", x_test, y_test)):
         if len(x) != len(y) or len(x) == 0:
@@ -294,7 +298,10 @@ def _read_table(path):
         raise DataError(f"{path} not found: pass --data-path DIR of the CUB_200_2011 release "
                         f"(images.txt, image_class_labels.txt, train_test_split.txt, images/)")
     with open(path) as f:
-        return dict(line.split(maxsplit=1) for line in f if line.strip())
+        rows = [line.split(maxsplit=1) for line in f if line.strip()]
+    if any(len(row) != 2 for row in rows):
+        raise DataError(f"{path} is malformed: every line must be '<image id> <value>'")
+    return dict(rows)
 
 
 def load_cub(root, transforms, num_classes=None, seed=0):
@@ -302,9 +309,15 @@ def load_cub(root, transforms, num_classes=None, seed=0):
     ``num_classes=N`` (seed 000's setup) keeps the first N classes and splits them
     8:2 per class with ``seed``."""
     paths = _read_table(os.path.join(root, "images.txt"))
-    labels = {k: int(v) - 1 for k, v in _read_table(os.path.join(root, "image_class_labels.txt")).items()}
-    is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
-    ids = sorted(paths, key=int)
+    try:
+        labels = {k: int(v) - 1 for k, v in _read_table(os.path.join(root, "image_class_labels.txt")).items()}
+        is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
+        ids = sorted(paths, key=int)
+        missing = [i for i in ids if i not in labels or i not in is_train]
+    except ValueError as e:
+        raise DataError(f"{root}: malformed CUB metadata ({e})") from None
+    if missing:
+        raise DataError(f"{root}: image ids {missing[:3]} have no class label or split entry")
     class_names = {}
     classes_file = os.path.join(root, "classes.txt")
     if os.path.isfile(classes_file):
@@ -336,6 +349,7 @@ def _skip_unreadable(dataset):
     return dataset
 
 
+# not in the paper: seed 000 does not give its normalisation; ImageNet statistics for LFW / CUB.
 DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
                      "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet"}
 

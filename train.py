@@ -69,7 +69,8 @@ def build_model_from_args(args, num_classes, load_weights=True):
     return models.build_model(
         args.model, num_classes, image_size=args.image_size or 32, block=args.block,
         shortcut=args.shortcut, pretrained=args.pretrained and load_weights,
-        weights=args.weights if load_weights else None)
+        weights=args.weights if load_weights else None, plain_init=args.plain_init,
+        deep_sup=args.deep_sup, aux_dropout=args.aux_dropout)
 
 
 def build_criterion(args, num_classes, feat_dim):
@@ -79,25 +80,31 @@ def build_criterion(args, num_classes, feat_dim):
     if args.loss == "joint":
         center = losses.ContrastiveCenterLoss(num_classes, feat_dim, args.delta, args.ctc_reduction)
     else:
-        center = losses.CenterLoss(num_classes, feat_dim, args.ctc_reduction)
+        center = losses.CenterLoss(num_classes, feat_dim, args.ctc_reduction, args.center_update)
     return losses.JointSupervisionLoss(center, args.lam)
 
 
-def compute_loss(criterion, out, labels):
-    """-> (loss, {name: detached part}) for one batch of model output."""
+def compute_loss(criterion, out, labels, aux_weight=0.0):
+    """-> (loss, {name: detached part}) for one batch of model output: CE or the
+    joint objective, plus alpha_t times the auxiliary CE terms with --deep-sup."""
     if criterion is None:
         loss = F.cross_entropy(out["logits"], labels)
-        return loss, {"ce": loss.detach()}
-    return criterion(out["logits"], out["embedding"], labels)
+        parts = {"ce": loss.detach()}
+    else:
+        loss, parts = criterion(out["logits"], out["embedding"], labels)
+    if out.get("aux_logits"):
+        loss, aux_parts = losses.deep_supervision_loss(loss, out["aux_logits"], labels, aux_weight)
+        parts = {**parts, **aux_parts}
+    return loss, parts
 
 
 def build_optimizer(args, model, criterion):
-    """SGD over the network; the class centers get their own group (lr --center-lr,
-    no weight decay), as the paper trains them with their own SGD at lr 0.5."""
+    """SGD over the network; the class centers get their own group: lr --center-lr
+    (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD)."""
     groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
     if criterion is not None:
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0,
-                       "lr": args.center_lr})
+                       "lr": args.center_lr, "momentum": args.center_momentum})
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
@@ -221,11 +228,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         criterion.train()
     window_start, window_images = time.time(), 0
     for images, labels in loader:
-        if state["iteration"] >= state["total_iters"]:
-            break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         out = model(images)
-        loss, parts = compute_loss(criterion, out, labels)
+        loss, parts = compute_loss(criterion, out, labels, state["aux_weight"])
         optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -259,6 +264,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
                   f" {window_images / max(now - window_start, 1e-9):.1f} img/s"
                   f" eta {datetime.timedelta(seconds=int(eta))}", flush=True)
             window_start, window_images = now, 0
+        if state["iteration"] == state["epoch_end"]:
+            break  # the caller evaluates, saves, and honours a pending signal
         if state["stop_signal"] is not None:
             save()
             raise StopTraining(f"stopped by signal {state['stop_signal']} at iteration {state['iteration']}; "
@@ -266,6 +273,53 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         if args.save_every and state["iteration"] % args.save_every == 0:
             save()
     return {k: v / max(state["epoch_count"], 1) for k, v in state["epoch_sums"].items()}
+
+
+def probe_gradients(model, criterion, optimizer, scheduler, loader, sampler, device, state, args):
+    """Seed 004's rule for placing the auxiliary classifier: train briefly, record
+    the mean |gradient| of every conv / linear weight of the backbone, and attach
+    the head after the stage holding the deepest layer whose mean falls below
+    ``--probe-threshold`` (1e-7 in the paper). Writes
+    output_dir/gradient_probe.csv (iteration, layer, stage, mean_abs_grad)."""
+    backbone = getattr(model, "backbone", model)
+    prefix = "backbone." if backbone is not model else ""
+    stage_of = models.parameter_stages(backbone)
+    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    path = os.path.join(args.output_dir, "gradient_probe.csv")
+    sums = {name: 0.0 for name, _ in layers}
+    model.train()
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,layer,stage,mean_abs_grad\n")
+        iteration, epoch = 0, 0
+        while iteration < args.probe_gradients:
+            sampler.set_epoch(epoch)
+            for images, labels in loader:
+                out = model(images.to(device))
+                loss, _ = compute_loss(criterion, out, labels.to(device), state["aux_weight"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for name, module in layers:
+                    mean_abs = module.weight.grad.abs().mean().item() if module.weight.grad is not None else 0.0
+                    sums[name] += mean_abs
+                    f.write(f"{iteration},{prefix}{name},{stage_of[name + '.weight']},{mean_abs:.6e}\n")
+                optimizer.step()
+                scheduler.step()
+                iteration += 1
+                if iteration >= args.probe_gradients:
+                    break
+            epoch += 1
+    os.replace(path + ".tmp", path)
+    means = {name: total / args.probe_gradients for name, total in sums.items()}
+    vanishing = [name for name, _ in layers if means[name] < args.probe_threshold]
+    print(f"wrote {path}: {len(layers)} layers x {args.probe_gradients} iterations", flush=True)
+    print(f"layers with mean |grad| < {args.probe_threshold:g}: "
+          + (", ".join(f"{n} ({means[n]:.2e})" for n in vanishing) or "none"), flush=True)
+    if vanishing:
+        last_intermediate = len(backbone.stage_channels) - 2
+        stage = min(stage_of[vanishing[-1] + ".weight"], last_intermediate)
+        print(f"deepest vanishing layer {vanishing[-1]} is in stage {stage_of[vanishing[-1] + '.weight']}: "
+              f"attach the auxiliary head after stage {stage} (--deep-sup {stage})", flush=True)
+    return means
 
 
 @torch.no_grad()
@@ -278,9 +332,14 @@ def evaluate(model, loader, device, num_classes):
     class_correct = torch.zeros(num_classes, dtype=torch.long)
     class_total = torch.zeros(num_classes, dtype=torch.long)
     k = min(5, num_classes)
+    aux_stages = getattr(model, "aux_stages", [])
+    aux_correct = [0] * len(aux_stages)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)["logits"]
+        out = model(images)
+        logits = out["logits"]
+        for i, aux_logits in enumerate(out.get("aux_logits", [])):
+            aux_correct[i] += (aux_logits.argmax(1) == labels).sum().item()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices                         # (B, k)
         hit1 = (topk[:, 0] == labels).cpu()
@@ -294,6 +353,7 @@ def evaluate(model, loader, device, num_classes):
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "n": total,
             "balanced_top1": float(torch.tensor(per_class)[present].mean()),
+            **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             "per_class": per_class}
 
 
@@ -304,13 +364,15 @@ def make_train_loader(args, train_set, device):
     loader = torch.utils.data.DataLoader(
         data.PerSampleSeed(train_set), batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=args.workers > 0)
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # worker seeds never touch the global RNG
     return loader, sampler
 
 
 def make_test_loader(test_set, batch_size, workers, device):
     return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
-                                       num_workers=workers, pin_memory=device.type == "cuda")
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def default_output_dir(args):
@@ -349,6 +411,8 @@ def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
               **{f"train_{k}": v for k, v in train_stats.items()},
               "test_top1": result["top1"], "test_top5": result["top5"],
               "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
+              **{f"test_{k}": v for k, v in result.items() if k.startswith("aux_top1")},
+              "aux_weight": state["aux_weight"],
               "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
               "seconds": round(time.time() - state["start_time"], 1)}
     with open(metrics_path, "a") as f:
@@ -403,6 +467,12 @@ def main(args):
         load_state_checked(model, ckpt["model"], resume, args.model)
         if criterion is not None:
             load_state_checked(criterion, ckpt.get("criterion", {}), resume, f"--loss {args.loss}")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError) as e:
+            raise data.DataError(f"checkpoint {resume} was trained with other optimizer groups "
+                                 f"(a different --loss?): {e}") from None
     prepare_output_dir(args)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
@@ -410,10 +480,8 @@ def main(args):
           flush=True)
 
     state = {"iteration": 0, "epoch_sums": {}, "epoch_count": 0, "skipped_nonfinite": 0,
-             "seconds": 0.0, "stop_signal": None}
+             "seconds": 0.0, "stop_signal": None, "aux_weight": 0.0}
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         if "rng" in ckpt:
             set_rng_states(ckpt["rng"])
         else:
@@ -428,6 +496,11 @@ def main(args):
                  start_time=time.time() - state["seconds"])
     if state["iteration"] >= total_iters:
         print(f"{resume} already holds all {total_iters} iterations; nothing to do", flush=True)
+        return 0
+    if args.probe_gradients:
+        state["aux_weight"] = losses.deep_supervision_weight(args.aux_weight, 0, epochs, args.aux_decay,
+                                                             args.aux_stop)
+        probe_gradients(model, criterion, optimizer, scheduler, train_loader, sampler, device, state, args)
         return 0
 
     def save():
@@ -453,6 +526,9 @@ def main(args):
             sampler.set_epoch(epoch, position * args.batch_size)
             if position == 0:
                 state["epoch_sums"], state["epoch_count"] = {}, 0
+            state["aux_weight"] = losses.deep_supervision_weight(
+                args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
+            state["epoch_end"] = min((epoch + 1) * iters_per_epoch, total_iters)
             train_stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader,
                                           device, epoch, state, args, save)
             last = state["iteration"] >= total_iters
@@ -460,7 +536,7 @@ def main(args):
                 result = evaluate(model, test_loader, device, num_classes)
                 log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
             save()
-            if state["stop_signal"] is not None:  # arrived during evaluation
+            if state["stop_signal"] is not None:  # arrived in the epoch's last step or its evaluation
                 raise StopTraining(f"stopped by signal {state['stop_signal']} after epoch {epoch}; "
                                    f"continue with the same command plus --resume auto",
                                    128 + state["stop_signal"])
@@ -474,6 +550,14 @@ def main(args):
         print(f"final (last evaluation, epoch {epoch}): top1 {result['top1']:.2f} "
               f"top5 {result['top5']:.2f} balanced top1 {result['balanced_top1']:.2f}", flush=True)
     return 0
+
+
+def stage_list(text):
+    """'1,2' -> [1, 2] for --deep-sup."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected stage indices like 1 or 1,2, got {text!r}") from None
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -494,14 +578,36 @@ def get_args_parser(add_help=True):
     p.add_argument("--shortcut", default="A", choices=["A", "B"], help="CIFAR ResNet shortcut option")
     p.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
     p.add_argument("--weights", help="local state dict to initialise the backbone from")
+    p.add_argument("--plain-init", default="xavier", choices=["xavier", "kaiming"],
+                   help="init of the plain (no BN, no shortcut) networks")
+    # deep supervision (seed 004)
+    p.add_argument("--deep-sup", type=stage_list, default=[], metavar="S[,S...]",
+                   help="attach an auxiliary classifier to these stages (indices into `stages`)")
+    p.add_argument("--aux-weight", type=float, default=0.3,
+                   help="alpha0 of L = L_main + alpha_t * sum L_aux (not in the paper: 0.3)")
+    p.add_argument("--aux-decay", default="linear", choices=["linear", "none", "step"],
+                   help="alpha_t = alpha0 * (1 - t/N) (linear), alpha0 (none), or alpha0 then 0 (step)")
+    p.add_argument("--aux-stop", type=int, help="step decay: epoch at which alpha_t drops to 0 (default N/2)")
+    p.add_argument("--aux-dropout", type=float, default=0.5, help="dropout of the auxiliary FC layers")
+    p.add_argument("--probe-gradients", type=int, default=0, metavar="N",
+                   help="train N iterations, write gradient_probe.csv (mean |grad| per layer), "
+                        "print where to attach --deep-sup, and stop")
+    p.add_argument("--probe-threshold", type=float, default=1e-7,
+                   help="mean |grad| below which a layer counts as vanishing (paper: 1e-7)")
     # loss
     p.add_argument("--loss", default="ce", choices=["ce", "center", "joint"],
                    help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center loss")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="lambda of Eq. 8")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="weight of the center term: default 1 for joint (Qi & Su, Eq. 8), "
+                        "0.003 for center (Wen et al.'s face setting)")
     p.add_argument("--delta", type=float, default=1.0, help="delta of Eq. 7")
     p.add_argument("--ctc-reduction", default="sum", choices=["sum", "mean"],
                    help="center-loss sum over the batch (paper) or mean")
     p.add_argument("--center-lr", type=float, default=0.5, help="SGD lr of the class centers")
+    p.add_argument("--center-momentum", type=float, default=0.0,
+                   help="momentum of the centers' SGD (default 0: plain SGD as in the papers)")
+    p.add_argument("--center-update", default="wen", choices=["wen", "autograd"],
+                   help="--loss center: Wen et al.'s Eq. 4 center step, or the raw gradient")
     p.add_argument("--center-lr-schedule", action="store_true",
                    help="also apply warm-up/milestones to the centers' lr (default: constant)")
     # data
@@ -557,6 +663,8 @@ def parse_args(argv=None):
     if args.recipe:
         parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(argv)
+    if args.lam is None:
+        args.lam = 0.003 if args.loss == "center" else 1.0
     for name in ("epochs", "batch_size", "print_freq", "eval_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
