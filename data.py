@@ -18,6 +18,7 @@ Formats (SPEC.md Sec. 6):
                        train_test_split.txt, images/
 """
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -96,6 +97,29 @@ class ArrayDataset(torch.utils.data.Dataset):
         return image, self.targets[index]
 
 
+def load_image(path):
+    """torchvision's loader (RGB), with a one-line DataError naming an unreadable file."""
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e.__class__.__name__}); fix or remove it, "
+                        f"or pass --skip-corrupt") from None
+
+
+def drop_unreadable(samples):
+    """--skip-corrupt: open every image once and keep the readable ones.
+    Returns (kept samples, list of dropped paths)."""
+    kept, dropped = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+            kept.append((path, label))
+        except (OSError, SyntaxError, ValueError):
+            dropped.append(path)
+    return kept, dropped
+
+
 class FileListDataset(torch.utils.data.Dataset):
     """(path, label) pairs; images opened with torchvision's loader (RGB, so
     grayscale files become 3 equal channels)."""
@@ -109,10 +133,56 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        image = default_loader(path)
+        image = load_image(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Seeded shuffling that can restart at any position of any epoch.
+
+    Epoch e visits ``randperm(n)`` drawn from a generator seeded with (seed, e), so
+    the order needs no saved state; ``set_epoch(e, start)`` skips the first
+    ``start`` positions (a resumed run). Each element is ``(index, sample_seed)``
+    with a seed unique to (seed, epoch, position): ``PerSampleSeed`` augments every
+    sample from its own seed, so the images are the same whatever the number of
+    workers and wherever a run was resumed.
+    """
+
+    def __init__(self, num_samples, seed=0):
+        self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * self.num_samples
+        for position in range(self.start, self.num_samples):
+            yield order[position], base + position
+
+
+class PerSampleSeed(torch.utils.data.Dataset):
+    """Wraps a dataset so ``dataset[(index, sample_seed)]`` runs its random
+    transforms under ``torch.manual_seed(sample_seed)``, leaving the caller's RNG
+    untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, sample_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
 
 
 # ----------------------------------------------------------------------------------
@@ -137,7 +207,7 @@ def load_npz(path, transforms):
         raise DataError(f"--data-path {path} is a folder; --dataset npz needs the .npz file itself")
     try:
         arrays = np.load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}); pass "
                         f"--data-path FILE.npz with keys x_train, y_train, x_test, y_test") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
@@ -148,10 +218,20 @@ def load_npz(path, transforms):
     for key, x in (("x_train", x_train), ("x_test", x_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise DataError(f"{path}: {key} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    for key in ("y_train", "y_test"):
+        if not np.issubdtype(arrays[key].dtype, np.integer):
+            raise DataError(f"{path}: {key} must hold integer class indices, got {arrays[key].dtype}")
     y_train, y_test = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    for x_key, x, y in (("x_train", x_train, y_train), ("x_test", x_test, y_test)):
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"{path}: {x_key} has {len(x)} images but its labels have {len(y)}")
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else \
-        [str(k) for k in range(num_classes)]
+        [str(k) for k in range(int(max(y_train.max(), y_test.max())) + 1)]
+    num_classes = len(classes)
+    for y_key, y in (("y_train", y_train), ("y_test", y_test)):
+        if y.min() < 0 or y.max() >= num_classes:
+            raise DataError(f"{path}: {y_key} has labels in [{y.min()}, {y.max()}], "
+                            f"outside [0, {num_classes}) ({num_classes} classes)")
     return (ArrayDataset(x_train, y_train, classes, transforms[0]),
             ArrayDataset(x_test, y_test, classes, transforms[1]), num_classes)
 
@@ -163,7 +243,10 @@ def load_imagefolder(root, transforms):
         if not os.path.isdir(folder):
             raise DataError(f"{folder} not found: --dataset imagefolder needs --data-path DIR "
                             f"with DIR/train/<class>/ and DIR/val/<class>/")
-        sets.append(torchvision.datasets.ImageFolder(folder, transform=transform))
+        try:
+            sets.append(torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image))
+        except FileNotFoundError as e:  # no class folders / no images
+            raise DataError(f"{folder}: {e}; --dataset imagefolder needs DIR/{split}/<class>/*.jpg") from None
     if sets[0].classes != sets[1].classes:
         raise DataError(f"{root}: train/ and val/ have different class folders")
     return sets[0], sets[1], len(sets[0].classes)
@@ -215,7 +298,10 @@ def _read_table(path):
         raise DataError(f"{path} not found: pass --data-path DIR of the CUB_200_2011 release "
                         f"(images.txt, image_class_labels.txt, train_test_split.txt, images/)")
     with open(path) as f:
-        return dict(line.split(maxsplit=1) for line in f if line.strip())
+        rows = [line.split(maxsplit=1) for line in f if line.strip()]
+    if any(len(row) != 2 for row in rows):
+        raise DataError(f"{path} is malformed: every line must be '<image id> <value>'")
+    return dict(rows)
 
 
 def load_cub(root, transforms, num_classes=None, seed=0):
@@ -223,9 +309,15 @@ def load_cub(root, transforms, num_classes=None, seed=0):
     ``num_classes=N`` (seed 000's setup) keeps the first N classes and splits them
     8:2 per class with ``seed``."""
     paths = _read_table(os.path.join(root, "images.txt"))
-    labels = {k: int(v) - 1 for k, v in _read_table(os.path.join(root, "image_class_labels.txt")).items()}
-    is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
-    ids = sorted(paths, key=int)
+    try:
+        labels = {k: int(v) - 1 for k, v in _read_table(os.path.join(root, "image_class_labels.txt")).items()}
+        is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
+        ids = sorted(paths, key=int)
+        missing = [i for i in ids if i not in labels or i not in is_train]
+    except ValueError as e:
+        raise DataError(f"{root}: malformed CUB metadata ({e})") from None
+    if missing:
+        raise DataError(f"{root}: image ids {missing[:3]} have no class label or split entry")
     class_names = {}
     classes_file = os.path.join(root, "classes.txt")
     if os.path.isfile(classes_file):
@@ -247,17 +339,30 @@ def load_cub(root, transforms, num_classes=None, seed=0):
             FileListDataset([samples[k] for k in test_idx], classes, transforms[1]), keep)
 
 
+def _skip_unreadable(dataset):
+    """Drop unreadable files from a file-based dataset in place; records them in
+    ``dataset.dropped``."""
+    dataset.samples, dataset.dropped = drop_unreadable(dataset.samples)
+    dataset.targets = [label for _, label in dataset.samples]
+    if hasattr(dataset, "imgs"):
+        dataset.imgs = dataset.samples
+    return dataset
+
+
+# not in the paper: seed 000 does not give its normalisation; ImageNet statistics for LFW / CUB.
 DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
                      "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet"}
 
 
 def build_datasets(name, data_path=None, download=False, image_size=None, normalize=None,
-                   lfw_top_k=20, cub_classes=None, split_seed=0):
+                   lfw_top_k=20, cub_classes=None, split_seed=0, skip_corrupt=False):
     """Build (train_set, test_set, num_classes) for ``name`` in ``DATASETS``.
 
     ``image_size`` defaults to 32 for CIFAR/npz and 224 otherwise; ``normalize``
     (``"cifar"``, ``"imagenet"`` or ``"seed001"``) defaults per dataset.
-    ``split_seed`` fixes the LFW / CUB-subset 8:2 splits.
+    ``split_seed`` fixes the LFW / CUB-subset 8:2 splits. ``skip_corrupt`` opens
+    every image of a file-based dataset once and drops the unreadable ones (listed
+    in ``.dropped``); without it an unreadable image stops the run, named.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -273,7 +378,12 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     if name == "npz":
         return load_npz(data_path, cifar_transforms(normalize, image_size))
     if name == "imagefolder":
-        return load_imagefolder(data_path, lfw_transforms(image_size, normalize))
-    if name == "lfw":
-        return load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
-    return load_cub(data_path, cub_transforms(image_size, normalize), cub_classes, split_seed)
+        sets = load_imagefolder(data_path, lfw_transforms(image_size, normalize))
+    elif name == "lfw":
+        sets = load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
+    else:
+        sets = load_cub(data_path, cub_transforms(image_size, normalize), cub_classes, split_seed)
+    if skip_corrupt:
+        for dataset in sets[:2]:
+            _skip_unreadable(dataset)
+    return sets

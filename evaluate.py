@@ -8,25 +8,15 @@ the test split are rebuilt from the arguments saved in it (``--data-path`` overr
 where the data now lives). Reports top-1, top-5, class-balanced top-1 and per-class
 top-1 (%) on the test split.
 """
-import argparse
 import json
 import os
 import sys
 from types import SimpleNamespace
 
-import torch
-
 import data
-from train import build_datasets_from_args, build_model_from_args, evaluate, make_test_loader, resolve_device
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise data.DataError(f"checkpoint {path} not found: pass --checkpoint runs/<name>/checkpoint.pth")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file
-        raise data.DataError(f"cannot load {path} as a train.py checkpoint ({e.__class__.__name__})") from None
+from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint,
+                   load_state_checked, make_test_loader, one_line, resolve_device)
+from train import OneLineErrorParser, get_args_parser as train_args_parser
 
 
 def plot_metrics(metrics_path, png_path):
@@ -62,7 +52,8 @@ def main(args):
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
         plot_metrics(metrics, os.path.splitext(metrics)[0] + ".png")
         return 0
-    train_args = SimpleNamespace(**ckpt["args"])
+    defaults = vars(train_args_parser().parse_args([]))  # for flags newer than the checkpoint
+    train_args = SimpleNamespace(**{**defaults, **ckpt["args"]})
     train_args.download = False
     if args.data_path:
         train_args.data_path = args.data_path
@@ -70,7 +61,7 @@ def main(args):
     _, test_set, num_classes = build_datasets_from_args(train_args)
     test_loader = make_test_loader(test_set, args.batch_size, args.workers, device)
     model = build_model_from_args(train_args, num_classes, load_weights=False)
-    model.load_state_dict(ckpt["model"])
+    load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
     result = evaluate(model.to(device), test_loader, device, num_classes)
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
     result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"])
@@ -86,7 +77,7 @@ def main(args):
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help)
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by train.py")
     p.add_argument("--data-path", help="where the test data lives now (default: as in training)")
     p.add_argument("--device", default="auto")
@@ -101,5 +92,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

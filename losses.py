@@ -76,33 +76,65 @@ class ContrastiveCenterLoss(nn.Module):
         return _reduce(per_sample, self.reduction)                           # Eq. (7): sum over i
 
 
+class _WenCenterUpdate(torch.autograd.Function):
+    """Identity on the centers going forward; going backward, hands the centers
+    Wen et al.'s Eq. 4 step instead of the raw gradient:
+
+        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])       (Eq. 4)
+
+    so plain SGD at lr alpha performs c_j <- c_j - alpha * delta c_j (Eq. 4's
+    update), whatever lambda and the reduction are. A class absent from the batch
+    gets delta c_j = 0."""
+
+    @staticmethod
+    def forward(ctx, centers, features, labels):
+        ctx.save_for_backward(centers, features, labels)
+        return centers.clone()
+
+    @staticmethod
+    def backward(ctx, grad_centers):
+        centers, features, labels = ctx.saved_tensors
+        step = torch.zeros_like(centers).index_add_(0, labels, centers[labels] - features)  # (K, d)
+        counts = torch.bincount(labels, minlength=centers.shape[0]).to(centers.dtype)       # (K,)
+        return step / (1 + counts)[:, None], None, None                                     # Eq. (4)
+
+
 class CenterLoss(nn.Module):
     """Center loss (Wen, Zhang, Li, Qiao 2016, "A discriminative feature learning
-    approach for deep face recognition", Eq. 2).
+    approach for deep face recognition", Eq. 2 and 4).
 
         L_C = 1/2 * sum_{i=1..B} ||x_i - c_{y_i}||^2                          (Eq. 2)
+        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])      (Eq. 4)
+
+    The features get the ordinary gradient of Eq. 2. The centers get Eq. 4's
+    step (``update="wen"``, default), so SGD at lr alpha (0.5 in the paper; no
+    momentum, no weight decay) reproduces Wen's update; ``update="autograd"``
+    hands them the raw gradient of lambda * L_C instead (which, summed over a
+    batch, overshoots at lr 0.5).
 
     Args:
         num_classes: K.
         feat_dim: d.
         reduction: ``"sum"`` (paper) or ``"mean"``.
+        update: ``"wen"`` or ``"autograd"``.
     Attributes:
         centers: ``nn.Parameter`` (K, d).
     Shapes:
         features (B, d) float, labels (B,) int64 -> scalar.
-
-    not in the paper: the centers are updated by the autograd gradient with plain
-    SGD (their own param group), not by Wen et al.'s Eq. 4 rule that divides each
-    center's step by 1 + (its count in the batch).
     """
 
-    def __init__(self, num_classes, feat_dim, reduction="sum"):
+    def __init__(self, num_classes, feat_dim, reduction="sum", update="wen"):
         super().__init__()
-        self.reduction = reduction
+        if update not in ("wen", "autograd"):
+            raise ValueError(f"update must be 'wen' or 'autograd', got {update!r}")
+        self.reduction, self.update = reduction, update
+        # not in the paper: centers start from N(0, 1).
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
     def forward(self, features, labels):
         features, centers = _common_dtype(features, self.centers)
+        if self.update == "wen":
+            centers = _WenCenterUpdate.apply(centers, features.detach(), labels)
         own_center = centers[labels]                                         # (B, d)
         per_sample = 0.5 * (features - own_center).pow(2).sum(1)             # Eq. (2)
         return _reduce(per_sample, self.reduction)
@@ -132,3 +164,35 @@ class JointSupervisionLoss(nn.Module):
         ce = F.cross_entropy(logits, labels)
         center = self.center_loss(embedding, labels)
         return ce + self.lam * center, {"ce": ce.detach(), "center": center.detach()}  # Eq. (8)
+
+
+def deep_supervision_weight(alpha0, epoch, epochs, decay="linear", stop_epoch=None):
+    """alpha_t, the weight of the auxiliary losses at epoch t (Wang et al. 2015).
+
+        linear: alpha_t = alpha0 * (1 - t / N)                               (Sec. 3)
+        none:   alpha_t = alpha0
+        step:   alpha_t = alpha0 for t < stop_epoch (default N / 2), then 0
+
+    The seed prints the decay formula as an image; ``linear`` is its common
+    reading. not in the paper: ``step`` (DSN-style: drop the companion loss after
+    some epochs). t counts from 0, N = ``epochs``.
+    """
+    if decay == "none":
+        return alpha0
+    if decay == "linear":
+        return alpha0 * (1 - epoch / epochs)
+    if decay == "step":
+        return alpha0 if epoch < (epochs // 2 if stop_epoch is None else stop_epoch) else 0.0
+    raise ValueError(f"decay must be 'linear', 'none' or 'step', got {decay!r}")
+
+
+def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
+    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; seed 004):
+
+        L = L_main + alpha_t * sum_s L_aux,s,    L_aux,s = CE(aux head s)     (Sec. 3)
+
+    Shapes: main_loss scalar, aux_logits list of (B, K), labels (B,)
+    -> (scalar, {"aux": detached sum of the auxiliary CE terms}).
+    """
+    aux = sum(F.cross_entropy(logits, labels) for logits in aux_logits)
+    return main_loss + alpha_t * aux, {"aux": torch.as_tensor(aux).detach()}

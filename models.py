@@ -50,9 +50,10 @@ CIFAR_RESNETS = {
     "resnet56": (56, 0.85e6, 6.97),
     "resnet110": (110, 1.7e6, 6.43),
 }
+PLAIN_NETS = {f"plain{depth}": depth for depth in (20, 32, 44, 56, 110)}
 TORCHVISION_CNNS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 SWINS = ("swin_t", "swin_s", "swin_b", "swin_l")
-MODEL_NAMES = tuple(CIFAR_RESNETS) + TORCHVISION_CNNS + SWINS
+MODEL_NAMES = tuple(CIFAR_RESNETS) + tuple(PLAIN_NETS) + TORCHVISION_CNNS + SWINS
 
 # Inputs this small use a CIFAR stem on the torchvision CNNs (see TorchvisionCNN).
 SMALL_INPUT_MAX = 64
@@ -169,6 +170,7 @@ class CifarResNet(nn.Module):
         self.final_act = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()) if block == "preact" else nn.Identity()
         self.fc = nn.Linear(64, num_classes)
         self.stage_channels = [16, 32, 64]
+        self.stage_prefixes = [[f"groups.{i}."] for i in range(3)]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -184,6 +186,58 @@ class CifarResNet(nn.Module):
             stages.append(x)
         stages[-1] = self.final_act(stages[-1])
         embedding = stages[-1].mean(dim=(2, 3))  # (B, 64)
+        return {"logits": self.fc(embedding), "embedding": embedding, "stages": stages}
+
+
+class PlainNet(nn.Module):
+    """Plain CIFAR network of depth 6n+2: the ``CifarResNet`` layout (conv3x3(16),
+    3 groups of 2n 3x3 convs with 16/32/64 channels, stride 2 entering groups 2
+    and 3, global average pool, FC) with **no shortcuts and no BN**: stacked
+    conv-ReLU, the setting in which deep supervision was proposed (Lee et al. 2014;
+    Wang et al. 2015) because the early layers' gradients vanish.
+
+    Args:
+        init: ``"xavier"`` (default; Glorot & Bengio 2010, the usual init when those
+            papers were written) or ``"kaiming"`` (He et al. 2015, fan_in), which
+            keeps the signal alive without BN. not in the paper: the seed gives no init.
+    Shapes: as ``CifarResNet``.
+    """
+
+    def __init__(self, depth=56, num_classes=10, init="xavier"):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"plain network depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU())
+        groups, in_channels = [], 16
+        for group_index, channels in enumerate((16, 32, 64)):
+            layers = []
+            for layer_index in range(2 * n):
+                stride = 2 if (group_index > 0 and layer_index == 0) else 1
+                layers += [nn.Conv2d(in_channels, channels, 3, stride, 1), nn.ReLU()]
+                in_channels = channels
+            groups.append(nn.Sequential(*layers))
+        self.groups = nn.ModuleList(groups)
+        self.fc = nn.Linear(64, num_classes)
+        self.stage_channels = [16, 32, 64]
+        self.stage_prefixes = [[f"groups.{i}."] for i in range(3)]
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if init == "xavier":
+                    nn.init.xavier_normal_(m.weight)
+                elif init == "kaiming":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                else:
+                    raise ValueError(f"init must be 'xavier' or 'kaiming', got {init!r}")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        stages = []
+        for group in self.groups:
+            x = group(x)
+            stages.append(x)
+        embedding = x.mean(dim=(2, 3))  # (B, 64)
         return {"logits": self.fc(embedding), "embedding": embedding, "stages": stages}
 
 
@@ -221,6 +275,7 @@ class TorchvisionCNN(nn.Module):
             net.fc = nn.Linear(net.fc.in_features, num_classes)
             self.stage_channels = [_out_channels(layer) for layer in
                                    (net.layer1, net.layer2, net.layer3, net.layer4)]
+            self.stage_prefixes = [[f"net.layer{i}."] for i in range(1, 5)]
         else:
             if self.small_input:
                 first = net.features[0][0]
@@ -228,6 +283,9 @@ class TorchvisionCNN(nn.Module):
                 nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")
             net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
             self.stage_channels = [_out_channels(net.features[i]) for i in _MOBILENET_STAGE_ENDS]
+            starts = (0,) + tuple(end + 1 for end in _MOBILENET_STAGE_ENDS[:-1])
+            self.stage_prefixes = [[f"net.features.{i}." for i in range(start, end + 1)]
+                                   for start, end in zip(starts, _MOBILENET_STAGE_ENDS)]
         self.net = net
 
     def forward(self, x):
@@ -293,6 +351,7 @@ class Swin(nn.Module):
         net.head = nn.Linear(net.head.in_features, num_classes)
         self.net = net
         self.stage_channels = [net.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
+        self.stage_prefixes = [[f"net.features.{i}.", f"net.features.{i + 1}."] for i in (0, 2, 4, 6)]
 
     def forward(self, x):
         stages = []
@@ -307,7 +366,7 @@ class Swin(nn.Module):
 
 # ----------------------------------------------------------------------------------
 def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
-                pretrained=False, weights=None):
+                pretrained=False, weights=None, plain_init="xavier", deep_sup=(), aux_dropout=0.5):
     """Build a backbone by name (see ``MODEL_NAMES``).
 
     Args:
@@ -315,6 +374,9 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         num_classes: K, the size of the final FC layer.
         image_size: input side in px; decides the CIFAR stem of torchvision CNNs.
         block, shortcut: CIFAR ResNet options (see ``CifarResNet``).
+        plain_init: ``PlainNet`` init, ``"xavier"`` or ``"kaiming"``.
+        deep_sup: stage indices that get an auxiliary classifier
+            (``DeeplySupervised``); empty for none.
         pretrained: load torchvision's ImageNet weights (needs them in the torch hub
             cache or internet access); the K-way head is always new.
         weights: path to a local state dict (a plain dict, or a checkpoint with a
@@ -325,6 +387,10 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         if pretrained:
             raise ValueError(f"no pretrained weights exist for {name}")
         model = CifarResNet(CIFAR_RESNETS[name][0], num_classes, block, shortcut)
+    elif name in PLAIN_NETS:
+        if pretrained:
+            raise ValueError(f"no pretrained weights exist for {name}")
+        model = PlainNet(PLAIN_NETS[name], num_classes, init=plain_init)
     elif name in TORCHVISION_CNNS:
         model = TorchvisionCNN(name, num_classes, image_size, pretrained)
     elif name in SWINS:
@@ -333,7 +399,79 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     if weights:
         load_partial_state_dict(model, weights)
+    if deep_sup:
+        model = DeeplySupervised(model, deep_sup, num_classes, dropout=aux_dropout)
     return model
+
+
+# ----------------------------------------------------------------------------------
+# Deep supervision (Wang, Lee, Tu, Lazebnik 2015; seed 004)
+# ----------------------------------------------------------------------------------
+class AuxHead(nn.Module):
+    """Auxiliary classifier of seed 004 / Wang et al. 2015: a conv3x3-BN-ReLU block,
+    two FC layers each followed by ReLU and dropout, and a final FC.
+
+    not in the paper: global average pooling between the conv block and the FC
+    layers (so one head fits any resolution), and the widths (conv keeps C
+    channels, FC layers of ``hidden`` = 256 units).
+    Shapes: (B, C, H, W) -> (B, K).
+    """
+
+    def __init__(self, in_channels, num_classes, hidden=256, dropout=0.5):
+        super().__init__()
+        self.conv = Conv2dNormActivation(in_channels, in_channels, kernel_size=3)
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes))
+
+    def forward(self, feature_map):
+        pooled = self.conv(feature_map).mean(dim=(2, 3))  # (B, C)
+        return self.classifier(pooled)                      # (B, K)
+
+
+class DeeplySupervised(nn.Module):
+    """A backbone plus one ``AuxHead`` per chosen stage. ``forward`` returns the
+    backbone's dict plus ``"aux_logits"`` (one (B, K) tensor per head, in the order
+    of ``aux_stages``). The heads only read the stage maps, so ``"logits"`` are
+    exactly the backbone's: at inference the branch is simply ignored.
+    """
+
+    def __init__(self, backbone, stages, num_classes, hidden=256, dropout=0.5):
+        super().__init__()
+        num_stages = len(backbone.stage_channels)
+        stages = list(stages)
+        for s in stages:
+            if not 0 <= s < num_stages - 1:
+                raise ValueError(f"--deep-sup stage {s} is not an intermediate stage of this "
+                                 f"backbone (stages 0..{num_stages - 1}; the last one has the main classifier)")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"--deep-sup claims a stage twice: {stages}")
+        self.backbone, self.aux_stages = backbone, stages
+        self.aux_heads = nn.ModuleList(
+            AuxHead(backbone.stage_channels[s], num_classes, hidden, dropout) for s in stages)
+        self.stage_channels = backbone.stage_channels
+        self.stage_prefixes = [[f"backbone.{p}" for p in ps] for ps in backbone.stage_prefixes]
+
+    def forward(self, x):
+        out = self.backbone(x)
+        out["aux_logits"] = [head(out["stages"][s]) for s, head in zip(self.aux_stages, self.aux_heads)]
+        return out
+
+
+def parameter_stages(model):
+    """{parameter name: stage index} for a backbone's parameters, in forward order.
+    Parameters before the first stage (the stem) count to stage 0, those after the
+    last stage (the head) to the last; auxiliary heads are left out."""
+    stages, current = {}, 0
+    for name, _ in model.named_parameters():
+        if name.startswith("aux_heads."):
+            continue
+        matches = [s for s, prefixes in enumerate(model.stage_prefixes) if name.startswith(tuple(prefixes))]
+        if matches:
+            current = matches[0]
+        stages[name] = current
+    return stages
 
 
 def load_partial_state_dict(model, path):

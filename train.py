@@ -9,7 +9,8 @@ main(args), train_one_epoch(), evaluate(). Writes to --output-dir:
     config.json      the resolved arguments (recipe + your flags)
     metrics.jsonl    one JSON object per evaluation
     checkpoint.pth   a plain dict (model, criterion, optimizer, scheduler, epoch,
-                     iteration, args), loadable with torch.load(weights_only=True)
+                     iteration, progress, rng, args), loadable with
+                     torch.load(weights_only=True); --resume auto continues it exactly
 The reported result is the last evaluation, never the best one on the test set.
 """
 import argparse
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -60,14 +62,15 @@ def build_datasets_from_args(args):
     return data.build_datasets(
         args.dataset, args.data_path, download=args.download, image_size=args.image_size,
         normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
-        split_seed=args.split_seed)
+        split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False))
 
 
 def build_model_from_args(args, num_classes, load_weights=True):
     return models.build_model(
         args.model, num_classes, image_size=args.image_size or 32, block=args.block,
         shortcut=args.shortcut, pretrained=args.pretrained and load_weights,
-        weights=args.weights if load_weights else None)
+        weights=args.weights if load_weights else None, plain_init=args.plain_init,
+        deep_sup=args.deep_sup, aux_dropout=args.aux_dropout)
 
 
 def build_criterion(args, num_classes, feat_dim):
@@ -77,25 +80,31 @@ def build_criterion(args, num_classes, feat_dim):
     if args.loss == "joint":
         center = losses.ContrastiveCenterLoss(num_classes, feat_dim, args.delta, args.ctc_reduction)
     else:
-        center = losses.CenterLoss(num_classes, feat_dim, args.ctc_reduction)
+        center = losses.CenterLoss(num_classes, feat_dim, args.ctc_reduction, args.center_update)
     return losses.JointSupervisionLoss(center, args.lam)
 
 
-def compute_loss(criterion, out, labels):
-    """-> (loss, {name: detached part}) for one batch of model output."""
+def compute_loss(criterion, out, labels, aux_weight=0.0):
+    """-> (loss, {name: detached part}) for one batch of model output: CE or the
+    joint objective, plus alpha_t times the auxiliary CE terms with --deep-sup."""
     if criterion is None:
         loss = F.cross_entropy(out["logits"], labels)
-        return loss, {"ce": loss.detach()}
-    return criterion(out["logits"], out["embedding"], labels)
+        parts = {"ce": loss.detach()}
+    else:
+        loss, parts = criterion(out["logits"], out["embedding"], labels)
+    if out.get("aux_logits"):
+        loss, aux_parts = losses.deep_supervision_loss(loss, out["aux_logits"], labels, aux_weight)
+        parts = {**parts, **aux_parts}
+    return loss, parts
 
 
 def build_optimizer(args, model, criterion):
-    """SGD over the network; the class centers get their own group (lr --center-lr,
-    no weight decay), as the paper trains them with their own SGD at lr 0.5."""
+    """SGD over the network; the class centers get their own group: lr --center-lr
+    (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD)."""
     groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
     if criterion is not None:
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0,
-                       "lr": args.center_lr})
+                       "lr": args.center_lr, "momentum": args.center_momentum})
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
@@ -118,10 +127,25 @@ def build_scheduler(args, optimizer, iters_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-def seed_everything(seed):
+class StopTraining(Exception):
+    """Raised between two steps: a signal asked us to stop, or the loss went
+    non-finite. Carries the exit code."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls (CUDA >= 10.2).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
 
 def resolve_device(name):
@@ -130,54 +154,172 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def rng_states():
+    """Every global RNG the training step may draw from (dropout, stochastic depth),
+    as tensors / plain Python values so the checkpoint loads with weights_only."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def save_checkpoint(state, path):
-    """Write to a temporary file, then rename, so a kill never leaves a torn file."""
+    """Atomic: write a temporary file in the same folder, fsync, then rename, so a
+    kill at any moment leaves either the old or the new checkpoint, never a torn one."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with one-line errors for a missing, truncated
+    or foreign file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"checkpoint {path} not found: pass --checkpoint/--resume runs/<name>/checkpoint.pth")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise data.DataError(f"cannot load checkpoint {path}: truncated or not a torch file ({reason})") from None
+    lacking = [k for k in ("model", "iteration", "args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if lacking:
+        raise data.DataError(f"{path} is not a train.py checkpoint: it has no {', '.join(lacking)}")
+    return ckpt
+
+
+def load_state_checked(module, state, path, what):
+    """load_state_dict, but a mismatch is one line naming the keys that do not fit."""
+    own = module.state_dict()
+    problems = {"missing": [k for k in own if k not in state],
+                "unexpected": [k for k in state if k not in own],
+                "wrong shape": [k for k in own if k in state and state[k].shape != own[k].shape]}
+    if any(problems.values()):
+        raise data.DataError(f"checkpoint {path} does not fit this {what}: " + "; ".join(
+            f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})" for kind, keys in problems.items() if keys))
+    module.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------
 # Train / evaluate
 # ----------------------------------------------------------------------------------
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args):
-    """One pass over ``loader`` (or until ``state["total_iters"]``). ``state``
-    carries the global iteration count and timing; returns mean loss parts."""
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save):
+    """Run ``loader`` (the rest of the epoch when resumed) until the epoch or
+    ``state["total_iters"]`` ends. ``state`` carries the global iteration, the
+    epoch's running loss sums and the stop flag; ``save()`` writes a mid-epoch
+    checkpoint. Returns the epoch's mean loss parts."""
     model.train()
     if criterion is not None:
         criterion.train()
-    sums, count = {}, 0
     window_start, window_images = time.time(), 0
     for images, labels in loader:
-        if state["iteration"] >= state["total_iters"]:
-            break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         out = model(images)
-        loss, parts = compute_loss(criterion, out, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {state['iteration']}; "
-                                     f"lower --lr or --center-lr")
+        loss, parts = compute_loss(criterion, out, labels, state["aux_weight"])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            optimizer.step()
+        else:
+            bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
+            where = f"non-finite loss ({', '.join(bad)}) at iteration {state['iteration']}"
+            if state["skipped_nonfinite"] >= args.skip_nonfinite:
+                raise StopTraining(f"{where}; stopped, the last good checkpoint stays on disk "
+                                   f"(lower --lr / --center-lr, or pass --skip-nonfinite K)", 3)
+            state["skipped_nonfinite"] += 1
+            print(f"warning: {where}; batch skipped ({state['skipped_nonfinite']}/{args.skip_nonfinite})",
+                  flush=True)
         scheduler.step()
         state["iteration"] += 1
-        parts = {"loss": loss.detach(), **parts}
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        count += 1
+        if finite:
+            sums = state["epoch_sums"]
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            state["epoch_count"] += 1
         window_images += images.shape[0]
         if state["iteration"] % args.print_freq == 0 or state["iteration"] == state["total_iters"]:
             now = time.time()
             done = state["iteration"] - state["start_iteration"]
-            eta = (now - state["start_time"]) / done * (state["total_iters"] - state["iteration"])
+            eta = (now - state["process_start"]) / done * (state["total_iters"] - state["iteration"])
+            count = max(state["epoch_count"], 1)
             print(f"epoch {epoch} iter {state['iteration']}/{state['total_iters']} "
-                  + " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+                  + " ".join(f"{k} {v / count:.4f}" for k, v in state["epoch_sums"].items())
                   + f" lr {optimizer.param_groups[0]['lr']:.4g}"
                   f" {window_images / max(now - window_start, 1e-9):.1f} img/s"
                   f" eta {datetime.timedelta(seconds=int(eta))}", flush=True)
             window_start, window_images = now, 0
-    return {k: v / max(count, 1) for k, v in sums.items()}
+        if state["iteration"] == state["epoch_end"]:
+            break  # the caller evaluates, saves, and honours a pending signal
+        if state["stop_signal"] is not None:
+            save()
+            raise StopTraining(f"stopped by signal {state['stop_signal']} at iteration {state['iteration']}; "
+                               f"continue with the same command plus --resume auto", 128 + state["stop_signal"])
+        if args.save_every and state["iteration"] % args.save_every == 0:
+            save()
+    return {k: v / max(state["epoch_count"], 1) for k, v in state["epoch_sums"].items()}
+
+
+def probe_gradients(model, criterion, optimizer, scheduler, loader, sampler, device, state, args):
+    """Seed 004's rule for placing the auxiliary classifier: train briefly, record
+    the mean |gradient| of every conv / linear weight of the backbone, and attach
+    the head after the stage holding the deepest layer whose mean falls below
+    ``--probe-threshold`` (1e-7 in the paper). Writes
+    output_dir/gradient_probe.csv (iteration, layer, stage, mean_abs_grad)."""
+    backbone = getattr(model, "backbone", model)
+    prefix = "backbone." if backbone is not model else ""
+    stage_of = models.parameter_stages(backbone)
+    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    path = os.path.join(args.output_dir, "gradient_probe.csv")
+    sums = {name: 0.0 for name, _ in layers}
+    model.train()
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,layer,stage,mean_abs_grad\n")
+        iteration, epoch = 0, 0
+        while iteration < args.probe_gradients:
+            sampler.set_epoch(epoch)
+            for images, labels in loader:
+                out = model(images.to(device))
+                loss, _ = compute_loss(criterion, out, labels.to(device), state["aux_weight"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for name, module in layers:
+                    mean_abs = module.weight.grad.abs().mean().item() if module.weight.grad is not None else 0.0
+                    sums[name] += mean_abs
+                    f.write(f"{iteration},{prefix}{name},{stage_of[name + '.weight']},{mean_abs:.6e}\n")
+                optimizer.step()
+                scheduler.step()
+                iteration += 1
+                if iteration >= args.probe_gradients:
+                    break
+            epoch += 1
+    os.replace(path + ".tmp", path)
+    means = {name: total / args.probe_gradients for name, total in sums.items()}
+    vanishing = [name for name, _ in layers if means[name] < args.probe_threshold]
+    print(f"wrote {path}: {len(layers)} layers x {args.probe_gradients} iterations", flush=True)
+    print(f"layers with mean |grad| < {args.probe_threshold:g}: "
+          + (", ".join(f"{n} ({means[n]:.2e})" for n in vanishing) or "none"), flush=True)
+    if vanishing:
+        last_intermediate = len(backbone.stage_channels) - 2
+        stage = min(stage_of[vanishing[-1] + ".weight"], last_intermediate)
+        print(f"deepest vanishing layer {vanishing[-1]} is in stage {stage_of[vanishing[-1] + '.weight']}: "
+              f"attach the auxiliary head after stage {stage} (--deep-sup {stage})", flush=True)
+    return means
 
 
 @torch.no_grad()
@@ -190,9 +332,14 @@ def evaluate(model, loader, device, num_classes):
     class_correct = torch.zeros(num_classes, dtype=torch.long)
     class_total = torch.zeros(num_classes, dtype=torch.long)
     k = min(5, num_classes)
+    aux_stages = getattr(model, "aux_stages", [])
+    aux_correct = [0] * len(aux_stages)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)["logits"]
+        out = model(images)
+        logits = out["logits"]
+        for i, aux_logits in enumerate(out.get("aux_logits", [])):
+            aux_correct[i] += (aux_logits.argmax(1) == labels).sum().item()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices                         # (B, k)
         hit1 = (topk[:, 0] == labels).cpu()
@@ -206,19 +353,26 @@ def evaluate(model, loader, device, num_classes):
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "n": total,
             "balanced_top1": float(torch.tensor(per_class)[present].mean()),
+            **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             "per_class": per_class}
 
 
 def make_train_loader(args, train_set, device):
-    return torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=len(train_set) > args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+    """Shuffled with ``data.ResumableSampler`` and augmented per sample from its own
+    seed (``data.PerSampleSeed``), so a resumed run sees the same batches."""
+    sampler = data.ResumableSampler(len(train_set), args.seed)
+    loader = torch.utils.data.DataLoader(
+        data.PerSampleSeed(train_set), batch_size=args.batch_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # worker seeds never touch the global RNG
+    return loader, sampler
 
 
 def make_test_loader(test_set, batch_size, workers, device):
     return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
-                                       num_workers=workers, pin_memory=device.type == "cuda")
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def default_output_dir(args):
@@ -226,99 +380,195 @@ def default_output_dir(args):
     return os.path.join("runs", f"{name}-seed{args.seed}")
 
 
+def prepare_output_dir(args):
+    """Create --output-dir and write config.json, or fail with one line."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise data.DataError(f"cannot write to --output-dir {args.output_dir} ({e.strerror}); "
+                             f"pass a writable folder") from None
+
+
+def keep_metrics_up_to(path, iteration):
+    """On resume, drop metrics rows written after the checkpoint (a kill between
+    the row and the checkpoint would otherwise leave a duplicate)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
+    """Append one row to metrics.jsonl and print the evaluation line."""
+    record = {"epoch": epoch, "iteration": state["iteration"],
+              **{f"train_{k}": v for k, v in train_stats.items()},
+              "test_top1": result["top1"], "test_top5": result["top5"],
+              "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
+              **{f"test_{k}": v for k, v in result.items() if k.startswith("aux_top1")},
+              "aux_weight": state["aux_weight"],
+              "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
+              "seconds": round(time.time() - state["start_time"], 1)}
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
+          f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
+          f"balanced {result['balanced_top1']:.2f}", flush=True)
+
+
 def main(args):
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = resolve_device(args.device)
     args.output_dir = args.output_dir or default_output_dir(args)
-    os.makedirs(args.output_dir, exist_ok=True)
     print("config: " + json.dumps(vars(args), sort_keys=True), flush=True)
-    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True)
 
+    # Everything that can reject the input runs before anything is written.
     train_set, test_set, num_classes = build_datasets_from_args(args)
-    train_loader = make_train_loader(args, train_set, device)
-    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
+    dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
+    if args.skip_corrupt:
+        print(f"--skip-corrupt: dropped {len(dropped)} unreadable images"
+              + (f" (e.g. {dropped[0]})" if dropped else ""), flush=True)
+    if args.batch_size > len(train_set):
+        raise data.DataError(f"--batch-size {args.batch_size} is larger than the training set "
+                             f"({len(train_set)} images); pass a smaller --batch-size")
     try:
         model = build_model_from_args(args, num_classes).to(device)
     except (ValueError, OSError, RuntimeError) as e:  # bad option, missing --weights file, no network
         raise data.DataError(f"cannot build {args.model}: {str(e).splitlines()[0]}") from None
-    with torch.no_grad():  # the embedding width, read from one forward pass
-        was_training = model.training
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the embedding width, from one forward pass
         model.eval()
-        feat_dim = model(train_set[0][0][None].to(device))["embedding"].shape[1]
-        model.train(was_training)
+        feat_dim = model(test_set[0][0][None].to(device))["embedding"].shape[1]
+        model.train()
     criterion = build_criterion(args, num_classes, feat_dim)
     if criterion is not None:
         criterion.to(device)
     optimizer = build_optimizer(args, model, criterion)
-    iters_per_epoch = len(train_loader)
+    train_loader, sampler = make_train_loader(args, train_set, device)
+    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
+    iters_per_epoch = len(train_set) // args.batch_size
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
     scheduler = build_scheduler(args, optimizer, iters_per_epoch)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    resume = ckpt_path if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(ckpt_path):
+        print(f"--resume auto: no {ckpt_path} yet, starting fresh", flush=True)
+        resume = None
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(resume)
+        load_state_checked(model, ckpt["model"], resume, args.model)
+        if criterion is not None:
+            load_state_checked(criterion, ckpt.get("criterion", {}), resume, f"--loss {args.loss}")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError) as e:
+            raise data.DataError(f"checkpoint {resume} was trained with other optimizer groups "
+                                 f"(a different --loss?): {e}") from None
+    prepare_output_dir(args)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
           f"{iters_per_epoch} iterations per epoch, {total_iters} in all ({epochs} epochs) on {device}",
           flush=True)
 
-    start_epoch, iteration = 0, 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        if criterion is not None:
-            criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
-        print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {iteration}", flush=True)
-
-    def checkpoint(epoch):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "criterion": criterion.state_dict() if criterion is not None else {},
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "iteration": state["iteration"],
-                "num_classes": num_classes, "args": vars(args)}
-
-    state = {"iteration": iteration, "start_iteration": iteration, "total_iters": total_iters,
-             "start_time": time.time()}
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if not args.resume and os.path.exists(metrics_path):
+    state = {"iteration": 0, "epoch_sums": {}, "epoch_count": 0, "skipped_nonfinite": 0,
+             "seconds": 0.0, "stop_signal": None, "aux_weight": 0.0}
+    if ckpt is not None:
+        if "rng" in ckpt:
+            set_rng_states(ckpt["rng"])
+        else:
+            print(f"{resume} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
+        state.update(ckpt.get("progress", {"iteration": ckpt["iteration"]}))
+        keep_metrics_up_to(metrics_path, state["iteration"])
+        print(f"resumed from {resume} at iteration {state['iteration']}", flush=True)
+    elif os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
+    # start_time is shifted by the seconds already trained, so "seconds" keeps counting across resumes
+    state.update(start_iteration=state["iteration"], total_iters=total_iters, process_start=time.time(),
+                 start_time=time.time() - state["seconds"])
+    if state["iteration"] >= total_iters:
+        print(f"{resume} already holds all {total_iters} iterations; nothing to do", flush=True)
+        return 0
+    if args.probe_gradients:
+        state["aux_weight"] = losses.deep_supervision_weight(args.aux_weight, 0, epochs, args.aux_decay,
+                                                             args.aux_stop)
+        probe_gradients(model, criterion, optimizer, scheduler, train_loader, sampler, device, state, args)
+        return 0
+
+    def save():
+        state["seconds"] = time.time() - state["start_time"]
+        progress = {k: state[k] for k in ("iteration", "epoch_sums", "epoch_count", "skipped_nonfinite", "seconds")}
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "criterion": criterion.state_dict() if criterion is not None else {},
+                         "scheduler": scheduler.state_dict(), "epoch": state["iteration"] // iters_per_epoch,
+                         "iteration": state["iteration"], "progress": progress, "rng": rng_states(),
+                         "num_classes": num_classes, "args": vars(args)}, ckpt_path)
+
+    def on_signal(signum, frame):
+        if state["stop_signal"] is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        state["stop_signal"] = signum
+        print(f"signal {signum}: finishing this step, then saving a checkpoint", flush=True)
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     result = None
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, epochs):
-            if state["iteration"] >= total_iters:
-                break
+        for epoch in range(state["iteration"] // iters_per_epoch, epochs):
+            position = state["iteration"] - epoch * iters_per_epoch  # > 0 only when resumed mid-epoch
+            sampler.set_epoch(epoch, position * args.batch_size)
+            if position == 0:
+                state["epoch_sums"], state["epoch_count"] = {}, 0
+            state["aux_weight"] = losses.deep_supervision_weight(
+                args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
+            state["epoch_end"] = min((epoch + 1) * iters_per_epoch, total_iters)
             train_stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader,
-                                          device, epoch, state, args)
+                                          device, epoch, state, args, save)
             last = state["iteration"] >= total_iters
-            if (epoch + 1) % args.eval_every and not last:
-                continue
-            result = evaluate(model, test_loader, device, num_classes)
-            record = {"epoch": epoch, "iteration": state["iteration"],
-                      **{f"train_{k}": v for k, v in train_stats.items()},
-                      "test_top1": result["top1"], "test_top5": result["top5"],
-                      "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": round(time.time() - state["start_time"], 1)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
-                  f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-                  f"balanced {result['balanced_top1']:.2f}", flush=True)
-            save_checkpoint(checkpoint(epoch), ckpt_path)
-    except KeyboardInterrupt:
-        print(f"interrupted in epoch {epoch}; the last evaluated epoch is in {ckpt_path}: "
-              f"continue with --resume {ckpt_path}", flush=True)
-        return 130
+            if (epoch + 1) % args.eval_every == 0 or last:
+                result = evaluate(model, test_loader, device, num_classes)
+                log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
+            save()
+            if state["stop_signal"] is not None:  # arrived in the epoch's last step or its evaluation
+                raise StopTraining(f"stopped by signal {state['stop_signal']} after epoch {epoch}; "
+                                   f"continue with the same command plus --resume auto",
+                                   128 + state["stop_signal"])
+    except StopTraining as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if result is not None:
         print(f"final (last evaluation, epoch {epoch}): top1 {result['top1']:.2f} "
               f"top5 {result['top5']:.2f} balanced top1 {result['balanced_top1']:.2f}", flush=True)
     return 0
 
 
+def stage_list(text):
+    """'1,2' -> [1, 2] for --deep-sup."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected stage indices like 1 or 1,2, got {text!r}") from None
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit code 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), help="fill in a paper's hyper-parameters")
     # model
@@ -328,14 +578,36 @@ def get_args_parser(add_help=True):
     p.add_argument("--shortcut", default="A", choices=["A", "B"], help="CIFAR ResNet shortcut option")
     p.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
     p.add_argument("--weights", help="local state dict to initialise the backbone from")
+    p.add_argument("--plain-init", default="xavier", choices=["xavier", "kaiming"],
+                   help="init of the plain (no BN, no shortcut) networks")
+    # deep supervision (seed 004)
+    p.add_argument("--deep-sup", type=stage_list, default=[], metavar="S[,S...]",
+                   help="attach an auxiliary classifier to these stages (indices into `stages`)")
+    p.add_argument("--aux-weight", type=float, default=0.3,
+                   help="alpha0 of L = L_main + alpha_t * sum L_aux (not in the paper: 0.3)")
+    p.add_argument("--aux-decay", default="linear", choices=["linear", "none", "step"],
+                   help="alpha_t = alpha0 * (1 - t/N) (linear), alpha0 (none), or alpha0 then 0 (step)")
+    p.add_argument("--aux-stop", type=int, help="step decay: epoch at which alpha_t drops to 0 (default N/2)")
+    p.add_argument("--aux-dropout", type=float, default=0.5, help="dropout of the auxiliary FC layers")
+    p.add_argument("--probe-gradients", type=int, default=0, metavar="N",
+                   help="train N iterations, write gradient_probe.csv (mean |grad| per layer), "
+                        "print where to attach --deep-sup, and stop")
+    p.add_argument("--probe-threshold", type=float, default=1e-7,
+                   help="mean |grad| below which a layer counts as vanishing (paper: 1e-7)")
     # loss
     p.add_argument("--loss", default="ce", choices=["ce", "center", "joint"],
                    help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center loss")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="lambda of Eq. 8")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="weight of the center term: default 1 for joint (Qi & Su, Eq. 8), "
+                        "0.003 for center (Wen et al.'s face setting)")
     p.add_argument("--delta", type=float, default=1.0, help="delta of Eq. 7")
     p.add_argument("--ctc-reduction", default="sum", choices=["sum", "mean"],
                    help="center-loss sum over the batch (paper) or mean")
     p.add_argument("--center-lr", type=float, default=0.5, help="SGD lr of the class centers")
+    p.add_argument("--center-momentum", type=float, default=0.0,
+                   help="momentum of the centers' SGD (default 0: plain SGD as in the papers)")
+    p.add_argument("--center-update", default="wen", choices=["wen", "autograd"],
+                   help="--loss center: Wen et al.'s Eq. 4 center step, or the raw gradient")
     p.add_argument("--center-lr-schedule", action="store_true",
                    help="also apply warm-up/milestones to the centers' lr (default: constant)")
     # data
@@ -370,7 +642,17 @@ def get_args_parser(add_help=True):
     p.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
     p.add_argument("--print-freq", type=int, default=50, help="progress line every N iterations")
-    p.add_argument("--resume", help="checkpoint.pth to continue from (start of its next epoch)")
+    p.add_argument("--resume", help="checkpoint.pth to continue from, exactly where it stopped; "
+                   "'auto' = output-dir/checkpoint.pth if it exists")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N iterations (always at the end of each epoch)")
+    p.add_argument("--skip-nonfinite", type=int, default=0,
+                   help="skip up to K batches whose loss is NaN/inf instead of stopping")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="open every image once at start and drop unreadable ones")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms + cuDNN deterministic (slower on GPU)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
@@ -381,10 +663,22 @@ def parse_args(argv=None):
     if args.recipe:
         parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(argv)
+    if args.lam is None:
+        args.lam = 0.003 if args.loss == "center" else 1.0
     for name in ("epochs", "batch_size", "print_freq", "eval_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("iters", "workers", "save_every", "skip_nonfinite"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
     return args
+
+
+def one_line(error):
+    """The user's line of a DataError, also when a DataLoader worker re-raised it
+    wrapped in its own traceback text."""
+    last = (str(error).strip().splitlines() or [""])[-1]
+    return last.split("DataError: ", 1)[-1]
 
 
 if __name__ == "__main__":
@@ -392,5 +686,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main(arguments))
     except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if arguments.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
