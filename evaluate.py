@@ -46,7 +46,44 @@ def plot_metrics(metrics_path, png_path):
     return png_path
 
 
+def plot_probe(csv_path):
+    """Mean |grad| of every layer (averaged over the probe's iterations) against its
+    depth, log scale, from train.py --probe-gradients; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping --probe plot (pip install matplotlib to enable it)")
+        return None
+    import csv
+    per_layer = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            per_layer.setdefault(row["layer"], []).append(float(row["mean_abs_grad"]))
+    means = [sum(v) / len(v) for v in per_layer.values()]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.semilogy(range(len(means)), [max(m, 1e-30) for m in means], marker=".")
+    ax.axhline(1e-7, color="gray", linestyle="--", label="1e-7 (paper's threshold)")
+    ax.set_xlabel("layer (input to output)")
+    ax.set_ylabel("mean |grad| of weights")
+    ax.legend()
+    png_path = os.path.splitext(csv_path)[0] + ".png"
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    print(f"wrote {png_path}")
+    return png_path
+
+
 def main(args):
+    if args.probe:
+        if not os.path.isfile(args.probe):
+            raise data.DataError(f"{args.probe} not found: pass the gradient_probe.csv of a --probe-gradients run")
+        plot_probe(args.probe)
+        if not args.checkpoint:
+            return 0
+    if not args.checkpoint:
+        raise data.DataError("pass --checkpoint runs/<name>/checkpoint.pth (or --probe CSV)")
     ckpt = load_checkpoint(args.checkpoint)
     if args.plot:
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
@@ -78,7 +115,8 @@ def main(args):
 
 def get_args_parser(add_help=True):
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by train.py")
+    p.add_argument("--checkpoint", help="checkpoint.pth written by train.py")
+    p.add_argument("--probe", help="gradient_probe.csv of train.py --probe-gradients: plot it")
     p.add_argument("--data-path", help="where the test data lives now (default: as in training)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)

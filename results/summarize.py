@@ -1,8 +1,12 @@
-"""Mean +- std (sample std, n-1) of the LAST evaluation of each run in results/.
+"""Tables for README.md from the runs in results/.
 
-    python results/summarize.py            # prints the markdown table used in README.md
+    python results/summarize.py
 
-A run is a folder results/<setting>-seed<N>/ holding metrics.jsonl.
+1. Mean +- std (sample std, n-1) of the LAST evaluation of each training run
+   (a folder results/<setting>-seed<N>/ holding metrics.jsonl).
+2. Gradient probes (results/probe-*/gradient_probe.csv): per stage, how many conv /
+   linear layers have a mean |grad| (averaged over the probe's iterations) below
+   1e-7, and the median of those means.
 """
 import glob
 import json
@@ -35,5 +39,22 @@ def main():
         print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
 
 
+def probe_table(threshold=1e-7):
+    import csv
+    print("\n| probe | stage | layers | layers < 1e-7 | median mean abs grad |")
+    print("|---|---|---|---|---|")
+    for path in sorted(glob.glob(os.path.join(HERE, "probe-*", "gradient_probe.csv"))):
+        per_layer = {}
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                per_layer.setdefault((int(row["stage"]), row["layer"]), []).append(float(row["mean_abs_grad"]))
+        name = os.path.basename(os.path.dirname(path))
+        for stage in sorted({s for s, _ in per_layer}):
+            means = [statistics.mean(v) for (s, _), v in per_layer.items() if s == stage]
+            print(f"| {name} | {stage} | {len(means)} | {sum(m < threshold for m in means)} | "
+                  f"{statistics.median(means):.1e} |")
+
+
 if __name__ == "__main__":
     main()
+    probe_table()

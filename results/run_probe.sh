@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue 6: gradient probe of plain56 (no BN, no shortcuts, Xavier init) at initialisation,
+# 10 iterations, without and with the auxiliary head the probe suggests (after stage 1).
+set -u
+cd "$(dirname "$0")/.."
+echo "commit $(git rev-parse HEAD)"
+for ds in none 1 0,1; do
+  out=results/probe-plain56-deepsup-${ds/,/-}
+  flag=""; [ "$ds" != none ] && flag="--deep-sup $ds"
+  python train.py --dataset npz --data-path ../shared/data/cifar10_subset.npz --model plain56 $flag \
+    --probe-gradients 10 --workers 0 --seed 0 --output-dir $out > $out.log 2>&1
+  grep -E "layers with|attach|wrote" $out.log | cut -c1-400
+done
