@@ -19,14 +19,22 @@ from train import (build_datasets_from_args, build_model_from_args, evaluate, lo
 from train import OneLineErrorParser, get_args_parser as train_args_parser
 
 
-def plot_metrics(metrics_path, png_path):
-    """Loss and accuracy curves from metrics.jsonl; needs matplotlib (optional)."""
+def _pyplot():
+    """matplotlib.pyplot (headless), or None with one line when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed; skipping --plot (pip install matplotlib to enable it)")
+        print("matplotlib is not installed; skipping the plot (pip install matplotlib to enable it)")
+        return None
+    return plt
+
+
+def plot_metrics(metrics_path, png_path):
+    """Loss and accuracy curves from metrics.jsonl; needs matplotlib (optional)."""
+    plt = _pyplot()
+    if plt is None:
         return None
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -49,12 +57,8 @@ def plot_metrics(metrics_path, png_path):
 def plot_probe(csv_path):
     """Mean |grad| of every layer (averaged over the probe's iterations) against its
     depth, log scale, from train.py --probe-gradients; needs matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping --probe plot (pip install matplotlib to enable it)")
+    plt = _pyplot()
+    if plt is None:
         return None
     import csv
     per_layer = {}
