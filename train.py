@@ -405,6 +405,22 @@ def keep_metrics_up_to(path, iteration):
     os.replace(path + ".tmp", path)
 
 
+def restore(path, args, model, criterion, optimizer, scheduler):
+    """Load model, loss parameters, optimizer and scheduler from a checkpoint, or fail
+    with one line saying what does not fit. Returns the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    load_state_checked(model, ckpt["model"], path, args.model)
+    if criterion is not None:
+        load_state_checked(criterion, ckpt.get("criterion", {}), path, f"--loss {args.loss}")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError) as e:
+        raise data.DataError(f"checkpoint {path} was trained with other optimizer groups "
+                             f"(a different --loss?): {e}") from None
+    return ckpt
+
+
 def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
     """Append one row to metrics.jsonl and print the evaluation line."""
     record = {"epoch": epoch, "iteration": state["iteration"],
@@ -461,18 +477,7 @@ def main(args):
     if args.resume == "auto" and not os.path.exists(ckpt_path):
         print(f"--resume auto: no {ckpt_path} yet, starting fresh", flush=True)
         resume = None
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        load_state_checked(model, ckpt["model"], resume, args.model)
-        if criterion is not None:
-            load_state_checked(criterion, ckpt.get("criterion", {}), resume, f"--loss {args.loss}")
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (ValueError, KeyError) as e:
-            raise data.DataError(f"checkpoint {resume} was trained with other optimizer groups "
-                                 f"(a different --loss?): {e}") from None
+    ckpt = restore(resume, args, model, criterion, optimizer, scheduler) if resume else None
     prepare_output_dir(args)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
