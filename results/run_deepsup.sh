@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 6: with vs without deep supervision (one aux head after stage 1), 3 seeds each,
+# on the CIFAR-10 subset. One fixed, very small budget: 2 epochs, lr 0.01 constant
+# (plain56 diverged at lr 0.1 with Kaiming init and did not move with Xavier init),
+# batch 128. plain56 uses Kaiming init here so that it can learn at all in 2 epochs.
+# Usage (from the repository root): bash results/run_deepsup.sh plain56|resnet56 [seeds...]
+# The two models were run side by side, one torch thread each (OMP_NUM_THREADS=1).
+set -u
+cd "$(dirname "$0")/.."
+model=$1; shift
+seeds=${*:-0 1 2}
+echo "commit $(git rev-parse HEAD)"
+for seed in $seeds; do
+  for ds in none 1; do
+    out=results/deepsup-cifar10subset-$model-ds$ds-seed$seed
+    flag=""; [ "$ds" != none ] && flag="--deep-sup $ds"
+    python train.py --dataset npz --data-path ../shared/data/cifar10_subset.npz --model $model \
+      --plain-init kaiming $flag --epochs 2 --milestones --lr 0.01 --batch-size 128 \
+      --workers 0 --eval-every 2 --print-freq 20 --seed $seed --output-dir $out > $out.log 2>&1
+    echo "$out: $(tail -n 1 $out.log)"
+  done
+done
