@@ -3,7 +3,8 @@
     python results/summarize.py
 
 1. Mean +- std (sample std, n-1) of the LAST evaluation of each training run
-   (a folder results/<setting>-seed<N>/ holding metrics.jsonl).
+   (a folder results/<setting>-seed<N>/ holding metrics.jsonl); the deep-supervision
+   runs (deepsup-*) get their own table with the auxiliary head's top-1.
 2. Gradient probes (results/probe-*/gradient_probe.csv): per stage, how many conv /
    linear layers have a mean |grad| (averaged over the probe's iterations) below
    1e-7, and the median of those means.
@@ -22,6 +23,11 @@ def last_row(run_dir):
         return [json.loads(line) for line in f if line.strip()][-1]
 
 
+def mean_std(values):
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
 def main():
     groups = {}
     for path in sorted(glob.glob(os.path.join(HERE, "*-seed*", "metrics.jsonl"))):
@@ -31,12 +37,17 @@ def main():
     print("| setting | seeds | epochs | test top-1 (%) | test top-5 (%) | balanced top-1 (%) |")
     print("|---|---|---|---|---|---|")
     for setting, rows in groups.items():
-        cells = []
-        for key in ("test_top1", "test_top5", "test_balanced_top1"):
-            values = [r[key] for r in rows]
-            std = statistics.stdev(values) if len(values) > 1 else float("nan")
-            cells.append(f"{statistics.mean(values):.2f} ± {std:.2f}")
-        print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
+        if not setting.startswith("deepsup-"):
+            cells = [mean_std([r[k] for r in rows]) for k in ("test_top1", "test_top5", "test_balanced_top1")]
+            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
+    print("\n| setting | seeds | epochs | test top-1 (%) | test top-5 (%) | aux head top-1 (%) |")
+    print("|---|---|---|---|---|---|")
+    for setting, rows in groups.items():
+        if setting.startswith("deepsup-"):
+            aux = [v for r in rows for k, v in r.items() if k.startswith("test_aux_top1")]
+            cells = [mean_std([r[k] for r in rows]) for k in ("test_top1", "test_top5")]
+            cells.append(mean_std(aux) if aux else "-")
+            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
 
 
 def probe_table(threshold=1e-7):
