@@ -16,7 +16,14 @@ Formats (SPEC.md Sec. 6):
     lfw                <root>/<Name>/<Name>_NNNN.jpg; top-k identities, seeded 8:2 split
     cub                CUB_200_2011 release: images.txt, image_class_labels.txt,
                        train_test_split.txt, images/
+    inat               iNaturalist 2018: train2018.json, val2018.json (+ the image tree)
+
+``imbalance_ratio`` makes the cifar10 / cifar100 / npz training set long-tailed
+(``long_tailed_subset``); ``hybrid_transforms`` and ``ClassBalancedSampler`` are
+the hybrid network's views and CE-branch sampler (seed 003).
 """
+import copy
+import json
 import os
 import zipfile
 
@@ -27,7 +34,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.datasets.folder import default_loader
 
-DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub")
+DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub", "inat")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -75,6 +82,43 @@ def cub_transforms(image_size=224, normalize="imagenet"):
                        T.ToTensor(), norm])
     test = T.Compose([resize, T.ToTensor(), norm])
     return train, test
+
+
+def hybrid_transforms(normalize="cifar", image_size=32, small=True):
+    """The hybrid network's training views (seed 003, implementation details):
+    random crop (32 with 4 px padding on CIFAR; not in the paper: a
+    RandomResizedCrop at larger sizes, e.g. iNaturalist's 224), horizontal flip
+    and grayscale with p = 0.2, shared by both branches; the contrastive branch
+    gets two views, one with colour jitter and one without.
+
+    not in the paper: the jitter itself, SupContrast's RandomApply(ColorJitter(
+    0.4, 0.4, 0.4, 0.1), p=0.8).
+    Returns (ce_transform: PIL -> (3, H, W), two_view_transform: PIL -> (2, 3, H, W)).
+    """
+    norm = T.Normalize(*NORMALIZATIONS[normalize])
+    if small:
+        crop = [] if image_size == 32 else [T.Resize(image_size)]
+        crop += [T.RandomCrop(image_size, padding=4)]
+    else:
+        crop = [T.RandomResizedCrop(image_size)]
+    shared = crop + [T.RandomHorizontalFlip(), T.RandomGrayscale(p=0.2)]
+    jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)]
+    plain = T.Compose(shared + [T.ToTensor(), norm])
+    jittered = T.Compose(crop + [T.RandomHorizontalFlip()] + jitter + [T.RandomGrayscale(p=0.2), T.ToTensor(), norm])
+    return plain, TwoViews(jittered, plain)
+
+
+class TwoViews:
+    """Apply two transforms to one image and stack them: PIL -> (2, 3, H, W)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, image):
+        return torch.stack([self.first(image), self.second(image)])
+
+    def __repr__(self):
+        return f"TwoViews(\n{self.first},\n{self.second})"
 
 
 # ----------------------------------------------------------------------------------
@@ -183,6 +227,102 @@ class PerSampleSeed(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return self.dataset[index]
+
+
+class ClassBalancedSampler(torch.utils.data.Sampler):
+    """Class-balanced sampling for the hybrid network's CE branch (seed 003):
+    every draw picks a class uniformly among the classes present, then an image
+    of that class uniformly, with replacement. An epoch is ``num_samples`` draws
+    (default: the dataset size, so both branches have the same number of
+    batches).
+
+    Like ``ResumableSampler``: draws of epoch e come from (seed, e), elements are
+    ``(index, sample_seed)``, ``set_epoch(e, start)`` resumes at any position.
+    ``num_replicas`` / ``rank`` give each process of a distributed run every
+    ``num_replicas``-th draw (the distributed version).
+    """
+
+    def __init__(self, targets, seed=0, num_samples=None, num_replicas=1, rank=0):
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        self.order = torch.argsort(targets, stable=True)                    # indices grouped by class
+        counts = torch.bincount(targets)
+        self.present = torch.nonzero(counts).flatten()                       # classes with >= 1 image
+        self.counts = counts[self.present]
+        self.offsets = torch.cumsum(counts, 0)[self.present] - self.counts   # start of each class in order
+        self.num_samples = len(targets) if num_samples is None else num_samples
+        self.seed, self.epoch, self.start = seed, 0, 0
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(range(self.rank, self.num_samples, self.num_replicas)) - self.start
+
+    def draw(self, epoch):
+        """All ``num_samples`` dataset indices of ``epoch`` (every rank's)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_000)
+        classes = torch.randint(len(self.present), (self.num_samples,), generator=generator)
+        within = (torch.rand(self.num_samples, generator=generator, dtype=torch.float64)
+                  * self.counts[classes]).long()
+        return self.order[self.offsets[classes] + within]
+
+    def __iter__(self):
+        indices = self.draw(self.epoch)[self.rank::self.num_replicas].tolist()
+        # not the instance stream's seeds: offset so the two branches never share augmentations
+        base = (self.seed * 1_000_003 + self.epoch) * self.num_samples + 7_919_000_000
+        for position in range(self.start, len(indices)):
+            yield indices[position], base + position * self.num_replicas + self.rank
+
+
+class LabeledSubset(torch.utils.data.Subset):
+    """``Subset`` that keeps ``.targets`` and ``.classes`` (the long-tailed sets)."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, list(indices))
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+
+def with_transform(dataset, transform):
+    """A shallow copy of ``dataset`` (or of a ``Subset`` and the set under it)
+    whose images go through ``transform``; the data is shared, not copied."""
+    dataset = copy.copy(dataset)
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset.dataset = with_transform(dataset.dataset, transform)
+    else:
+        dataset.transform = transform
+    return dataset
+
+
+def long_tailed_counts(num_per_class, num_classes, imbalance_ratio):
+    """Images kept per class in long-tailed CIFAR (Cui et al. 2019; LDAM, Cao et al.
+    2019; seed 003): n_i = int(n_max * (1 / beta)^(i / (K - 1))), class 0 the head.
+
+    CIFAR-10-LT (n_max 5000) has 12,406 / 13,996 / 20,431 images for beta = 100 /
+    50 / 10; CIFAR-100-LT (n_max 500) 10,847 / 12,608 / 19,573.
+    """
+    if imbalance_ratio < 1:
+        raise DataError(f"--imbalance-ratio must be >= 1 (n_max / n_min), got {imbalance_ratio}")
+    if num_classes == 1:
+        return [int(num_per_class)]
+    return [int(num_per_class * (1.0 / imbalance_ratio) ** (i / (num_classes - 1)))
+            for i in range(num_classes)]
+
+
+def long_tailed_subset(dataset, imbalance_ratio, seed=0):
+    """Keep the first n_i images of class i after a seeded shuffle within each class
+    (n_max = the smallest class size, 5000 on CIFAR-10). Returns a ``LabeledSubset``
+    whose indices are sorted."""
+    targets = np.asarray(dataset.targets)
+    num_classes = len(dataset.classes)
+    per_class = np.bincount(targets, minlength=num_classes)
+    counts = long_tailed_counts(int(per_class.min()), num_classes, imbalance_ratio)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c, n in enumerate(counts):
+        keep += rng.permutation(np.flatnonzero(targets == c))[:n].tolist()
+    return LabeledSubset(dataset, sorted(keep))
 
 
 # ----------------------------------------------------------------------------------
@@ -339,6 +479,43 @@ def load_cub(root, transforms, num_classes=None, seed=0):
             FileListDataset([samples[k] for k in test_idx], classes, transforms[1]), keep)
 
 
+def load_inat(root, transforms):
+    """iNaturalist 2018 from its released json files: ``train2018.json`` and
+    ``val2018.json`` in ``root`` (COCO-style ``images`` [{id, file_name}],
+    ``annotations`` [{image_id, category_id}], ``categories`` [{id, name}]), with
+    every ``file_name`` relative to ``root``. Category ids are mapped to 0..K-1 in
+    sorted order; names come from ``categories`` (or ``categories.json``) if given.
+    The val set is the test set, as in the paper."""
+    splits = []
+    for split in ("train2018.json", "val2018.json"):
+        path = os.path.join(root, split)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found: --dataset inat needs --data-path DIR holding "
+                            f"train2018.json, val2018.json and the image folders they name")
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+            files = {image["id"]: image["file_name"] for image in meta["images"]}
+            pairs = [(files[a["image_id"]], a["category_id"]) for a in meta["annotations"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path} is not an iNaturalist json file ({e.__class__.__name__}: {e})") from None
+        splits.append((meta, pairs))
+    category_ids = sorted({c for _, pairs in splits for _, c in pairs})
+    label_of = {c: k for k, c in enumerate(category_ids)}
+    categories = splits[0][0].get("categories")
+    if not categories and os.path.isfile(os.path.join(root, "categories.json")):
+        with open(os.path.join(root, "categories.json")) as f:
+            categories = json.load(f)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in categories or []}
+    classes = [names.get(c, str(c)) for c in category_ids]
+    sets = [FileListDataset([(os.path.join(root, name), label_of[c]) for name, c in pairs], classes, transform)
+            for (_, pairs), transform in zip(splits, transforms)]
+    if not sets[0].samples or not os.path.isfile(sets[0].samples[0][0]):
+        raise DataError(f"iNaturalist images missing: {sets[0].samples[0][0] if sets[0].samples else root} "
+                        f"not found; --data-path must be the folder the json file names are relative to")
+    return sets[0], sets[1], len(classes)
+
+
 def _skip_unreadable(dataset):
     """Drop unreadable files from a file-based dataset in place; records them in
     ``dataset.dropped``."""
@@ -351,11 +528,12 @@ def _skip_unreadable(dataset):
 
 # not in the paper: seed 000 does not give its normalisation; ImageNet statistics for LFW / CUB.
 DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
-                     "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet"}
+                     "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet", "inat": "imagenet"}
 
 
 def build_datasets(name, data_path=None, download=False, image_size=None, normalize=None,
-                   lfw_top_k=20, cub_classes=None, split_seed=0, skip_corrupt=False):
+                   lfw_top_k=20, cub_classes=None, split_seed=0, skip_corrupt=False,
+                   imbalance_ratio=None):
     """Build (train_set, test_set, num_classes) for ``name`` in ``DATASETS``.
 
     ``image_size`` defaults to 32 for CIFAR/npz and 224 otherwise; ``normalize``
@@ -363,22 +541,29 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     ``split_seed`` fixes the LFW / CUB-subset 8:2 splits. ``skip_corrupt`` opens
     every image of a file-based dataset once and drops the unreadable ones (listed
     in ``.dropped``); without it an unreadable image stops the run, named.
+    ``imbalance_ratio`` (beta) makes a cifar10 / cifar100 / npz training set
+    long-tailed with ``split_seed``; the test set stays balanced.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     small = name in ("cifar10", "cifar100", "npz")
     image_size = image_size or (32 if small else 224)
     normalize = normalize or DEFAULT_NORMALIZE[name]
+    if imbalance_ratio is not None and not small:
+        raise DataError(f"--imbalance-ratio applies to cifar10, cifar100 and npz, not to --dataset {name}")
     if name in ("cifar10", "cifar100"):
-        return load_cifar(name, data_path or "./data", download, cifar_transforms(normalize, image_size))
+        sets = load_cifar(name, data_path or "./data", download, cifar_transforms(normalize, image_size))
+        return _long_tailed(sets, imbalance_ratio, split_seed)
     if data_path is None:
         raise DataError(f"--dataset {name} needs --data-path")
     if not os.path.exists(data_path):
         raise DataError(f"{data_path} does not exist: pass --data-path pointing at the {name} data")
     if name == "npz":
-        return load_npz(data_path, cifar_transforms(normalize, image_size))
+        return _long_tailed(load_npz(data_path, cifar_transforms(normalize, image_size)), imbalance_ratio, split_seed)
     if name == "imagefolder":
         sets = load_imagefolder(data_path, lfw_transforms(image_size, normalize))
+    elif name == "inat":
+        sets = load_inat(data_path, lfw_transforms(image_size, normalize))
     elif name == "lfw":
         sets = load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
     else:
@@ -387,3 +572,10 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
         for dataset in sets[:2]:
             _skip_unreadable(dataset)
     return sets
+
+
+def _long_tailed(sets, imbalance_ratio, seed):
+    train, test, num_classes = sets
+    if imbalance_ratio is None:
+        return sets
+    return long_tailed_subset(train, imbalance_ratio, seed), test, num_classes

@@ -13,6 +13,8 @@ import os
 import sys
 from types import SimpleNamespace
 
+import torch
+
 import data
 from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint,
                    load_state_checked, make_test_loader, one_line, resolve_device)
@@ -99,11 +101,13 @@ def main(args):
     if args.data_path:
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
-    _, test_set, num_classes = build_datasets_from_args(train_args)
+    train_set, test_set, num_classes = build_datasets_from_args(train_args)
+    train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     test_loader = make_test_loader(test_set, args.batch_size, args.workers, device)
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
-    result = evaluate(model.to(device), test_loader, device, num_classes)
+    result = evaluate(model.to(device), test_loader, device, num_classes, train_counts,
+                      train_args.many_threshold, train_args.few_threshold)
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
     result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"])
     if args.json:
@@ -112,6 +116,10 @@ def main(args):
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}): "
               f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
               f"balanced top1 {result['balanced_top1']:.2f} on {result['n']} test images")
+        print("  many / medium / few-shot top1 (> {} / {}-{} / < {} training images): ".format(
+              train_args.many_threshold, train_args.few_threshold, train_args.many_threshold,
+              train_args.few_threshold)
+              + " / ".join(f"{result[g + '_top1']:.2f}" for g in ("many", "medium", "few")))
         for name, acc in result["per_class"].items():
             print(f"  {name:30s} {acc:6.2f}")
     return 0

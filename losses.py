@@ -196,3 +196,167 @@ def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
     """
     aux = sum(F.cross_entropy(logits, labels) for logits in aux_logits)
     return main_loss + alpha_t * aux, {"aux": torch.as_tensor(aux).detach()}
+
+
+# ----------------------------------------------------------------------------------
+# Hybrid network for long-tailed recognition (Wang et al., CVPR 2021; seed 003).
+# The seed prints its formulas as images; we number them in order of appearance:
+# (1) the hybrid total, (2) SC, (3) PSC, (4) MPSC.
+# ----------------------------------------------------------------------------------
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss, SC (Khosla et al. 2020; seed 003 Eq. 2).
+
+        L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau) )   (Eq. 2)
+
+    over all N = B*V views of the batch: every view is an anchor i, P(i) are the
+    other views with the same label, the denominator runs over every view except
+    i itself. The loss is the mean of L_i over the anchors that have at least one
+    positive; an anchor without one (a class seen once, with V = 1) contributes
+    nothing, and a batch without any positive pair gives 0 (with a gradient path).
+
+    not in the paper: the mean over anchors (the equation writes a sum; the
+    mean keeps the scale independent of the batch size, as SupContrast does).
+    ``base_temperature`` rescales by tau / base_temperature like SupContrast's
+    code (its 0.07); None (default) means no rescaling.
+
+    Args:
+        temperature: tau, 0.1 in the paper for CIFAR and iNaturalist.
+    Shapes:
+        features (B, V, d), already L2-normalised; labels (B,) int64 -> scalar.
+    """
+
+    def __init__(self, temperature=0.1, base_temperature=None):
+        super().__init__()
+        self.temperature, self.base_temperature = temperature, base_temperature
+
+    def forward(self, features, labels):
+        B, V, d = features.shape
+        z = features.reshape(B * V, d)                                   # (N, d), view-major per image
+        anchor_labels = labels.repeat_interleave(V)                      # (N,)
+        logits = z @ z.t() / self.temperature                            # (N, N)
+        self_mask = torch.eye(B * V, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))            # a != i
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # Eq. (2), stable
+        positive = (anchor_labels[:, None] == anchor_labels[None, :]) & ~self_mask  # (N, N)
+        num_positive = positive.sum(1)                                   # (N,) |P(i)|
+        has_positive = num_positive > 0
+        # masked_fill, not multiplication: 0 * -inf on the diagonal would be NaN
+        sum_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1)        # (N,)
+        per_anchor = -sum_log_prob[has_positive] / num_positive[has_positive]  # Eq. (2)
+        if self.base_temperature is not None:
+            per_anchor = per_anchor * (self.temperature / self.base_temperature)
+        if per_anchor.numel() == 0:
+            return z.sum() * 0.0
+        return per_anchor.mean()
+
+
+class PSCLoss(nn.Module):
+    """Prototypical supervised contrastive loss, PSC, and its multi-prototype form
+    MPSC (Wang et al., CVPR 2021; seed 003 Eq. 3, 4).
+
+    One learnable prototype p_k per class (M per class for MPSC), L2-normalised
+    in forward:
+
+        L_i = -log( exp(z_i.p_{y_i} / tau) / sum_{j != y_i} exp(z_i.p_j / tau) )                   (Eq. 3)
+
+        L_i = -sum_m w_{i,m} log( exp(z_i.p^m_{y_i} / tau)
+                                  / sum_{j != y_i} sum_{m'} exp(z_i.p^{m'}_j / tau) )          (Eq. 4)
+
+    The denominator excludes the positive class, as the paper writes it;
+    ``include_positive=True`` adds it (then Eq. 3 is a softmax cross-entropy over
+    cosine logits). The loss is the mean of L_i over all B*V views (not in the
+    paper: mean instead of the written sum, as in ``SupConLoss``).
+
+    MPSC (``num_prototypes`` M > 1): the seed only states w_{i,m} >= 0 and
+    sum_m w_{i,m} = 1 (the rule is "left to future work"). not in the paper: our
+    weights are ``"uniform"`` (w = 1/M, default) or ``"softmax"`` (w_{i,m} =
+    softmax_m(z_i.p^m_{y_i} / tau), detached: the nearest own prototype counts
+    most). The denominator sums over all M prototypes of every other class.
+    not in the paper: prototypes start as random unit vectors (the seed notes the
+    initialisation is not described).
+
+    Args:
+        num_classes: K (>= 2 unless include_positive: with one class the
+            denominator of Eq. 3 is empty).
+        feat_dim: D_S, 128 in the paper.
+        temperature: tau, 1 for CIFAR-10 and 0.1 for CIFAR-100 in the paper.
+        num_prototypes: M, 1 for PSC.
+    Shapes:
+        features (B, V, d) or (B, d), already L2-normalised; labels (B,) -> scalar.
+    """
+
+    def __init__(self, num_classes, feat_dim=128, temperature=0.1, num_prototypes=1,
+                 include_positive=False, prototype_weights="uniform"):
+        super().__init__()
+        if num_classes < 2 and not include_positive:
+            raise ValueError("PSC needs at least 2 classes: its denominator excludes the positive class")
+        if prototype_weights not in ("uniform", "softmax"):
+            raise ValueError(f"prototype_weights must be 'uniform' or 'softmax', got {prototype_weights!r}")
+        self.num_classes, self.num_prototypes = num_classes, num_prototypes
+        self.temperature, self.include_positive = temperature, include_positive
+        self.prototype_weights = prototype_weights
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes * num_prototypes, feat_dim), dim=1))
+
+    def forward(self, features, labels):
+        if features.dim() == 3:
+            B, V, d = features.shape
+            features, labels = features.reshape(B * V, d), labels.repeat_interleave(V)
+        K, M = self.num_classes, self.num_prototypes
+        prototypes = F.normalize(self.prototypes, dim=1).to(features.dtype)        # (K*M, d)
+        logits = (features @ prototypes.t() / self.temperature).view(-1, K, M)   # (N, K, M)
+        own = logits[torch.arange(len(labels), device=labels.device), labels]    # (N, M)
+        others = logits
+        if not self.include_positive:
+            is_own = F.one_hot(labels, K).bool()[:, :, None].expand_as(logits)  # (N, K, M)
+            others = logits.masked_fill(is_own, float("-inf"))
+        log_denominator = torch.logsumexp(others.flatten(1), dim=1)             # (N,)
+        log_ratio = own - log_denominator[:, None]                               # (N, M)
+        if M == 1 or self.prototype_weights == "uniform":
+            weights = torch.full_like(own, 1.0 / M)                              # (N, M)
+        else:
+            weights = own.detach().softmax(dim=1)
+        return -(weights * log_ratio).sum(1).mean()                             # Eq. (3) / (4)
+
+
+def hybrid_alpha(epoch, epochs, schedule="parabolic", const=0.5):
+    """alpha of the hybrid objective at epoch t (seed 003, Eq. 1):
+
+        L = alpha * L_con + (1 - alpha) * L_CE                               (Eq. 1)
+
+        parabolic: alpha = 1 - (t / T)^2   (CIFAR)
+        linear:    alpha = 1 - t / T       (iNaturalist)
+        const:     alpha = ``const``       (not in the paper: an ablation)
+
+    t counts epochs from 0, T = ``epochs``.
+    """
+    if schedule == "parabolic":
+        return 1.0 - (epoch / epochs) ** 2
+    if schedule == "linear":
+        return 1.0 - epoch / epochs
+    if schedule == "const":
+        return const
+    raise ValueError(f"schedule must be 'parabolic', 'linear' or 'const', got {schedule!r}")
+
+
+class HybridLoss(nn.Module):
+    """The hybrid network's objective (Wang et al., CVPR 2021; seed 003 Eq. 1):
+    a contrastive term on the projected views of the instance-sampled batch and a
+    CE term on the classifier logits of the class-balanced batch.
+
+        L = alpha * L_con + (1 - alpha) * L_CE                               (Eq. 1)
+
+    Args:
+        contrastive: a ``SupConLoss`` or ``PSCLoss``.
+    Shapes:
+        projections (B, V, d) L2-normalised, con_labels (B,), logits (B', K),
+        ce_labels (B',), alpha float -> (scalar, {"con", "ce"}).
+    """
+
+    def __init__(self, contrastive):
+        super().__init__()
+        self.contrastive = contrastive
+
+    def forward(self, projections, con_labels, logits, ce_labels, alpha):
+        con = self.contrastive(projections, con_labels)
+        ce = F.cross_entropy(logits, ce_labels)
+        return alpha * con + (1 - alpha) * ce, {"con": con.detach(), "ce": ce.detach()}  # Eq. (1)

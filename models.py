@@ -360,7 +360,8 @@ class Swin(nn.Module):
 
 # ----------------------------------------------------------------------------------
 def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
-                pretrained=False, weights=None, plain_init="xavier", deep_sup=(), aux_dropout=0.5):
+                pretrained=False, weights=None, plain_init="xavier", deep_sup=(), aux_dropout=0.5,
+                projection_dim=0):
     """Build a backbone by name (see ``MODEL_NAMES``).
 
     Args:
@@ -376,6 +377,8 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         weights: path to a local state dict (a plain dict, or a checkpoint with a
             ``"model"`` entry); tensors whose shape does not match (e.g. the head)
             are skipped and reported.
+        projection_dim: > 0 adds the hybrid network's contrastive projection
+            head of that width (``HybridNet``; 128 in seed 003).
     """
     if name in CIFAR_RESNETS:
         if pretrained:
@@ -395,7 +398,22 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         load_partial_state_dict(model, weights)
     if deep_sup:
         model = DeeplySupervised(model, deep_sup, num_classes, dropout=aux_dropout)
+    if projection_dim:
+        model = HybridNet(model, embedding_dim(model), projection_dim)
     return model
+
+
+def embedding_dim(model):
+    """d, the width of ``embedding``: the input width of the final classifier."""
+    model = getattr(model, "backbone", model)
+    net = getattr(model, "net", model)
+    for name in ("fc", "head", "classifier"):
+        layer = getattr(net, name, None)
+        if isinstance(layer, nn.Sequential):
+            layer = layer[-1]
+        if isinstance(layer, nn.Linear):
+            return layer.in_features
+    raise ValueError(f"cannot find the final linear classifier of {type(model).__name__}")
 
 
 # ----------------------------------------------------------------------------------
@@ -450,6 +468,47 @@ class DeeplySupervised(nn.Module):
     def forward(self, x):
         out = self.backbone(x)
         out["aux_logits"] = [head(out["stages"][s]) for s, head in zip(self.aux_stages, self.aux_heads)]
+        return out
+
+
+# ----------------------------------------------------------------------------------
+# Hybrid network (Wang et al., CVPR 2021; seed 003)
+# ----------------------------------------------------------------------------------
+class ProjectionHead(nn.Module):
+    """The contrastive branch's MLP f_e (seed 003): Linear d -> d, ReLU,
+    Linear d -> 128, then L2 normalisation (z lies on the unit sphere).
+
+    not in the paper: the hidden width d (SupContrast's choice); the seed only
+    says "MLP".
+    Shapes: (B, d) -> (B, out_dim), unit norm.
+    """
+
+    def __init__(self, in_dim, out_dim=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+
+    def forward(self, embedding):
+        return F.normalize(self.mlp(embedding), dim=1)
+
+
+class HybridNet(nn.Module):
+    """A backbone with the hybrid network's two branches on its ``embedding`` r:
+    the backbone's own linear classifier (``logits``, the CE branch; the only
+    output used at inference) and a ``ProjectionHead`` (``projection``, the
+    contrastive branch). ``forward`` returns the backbone's dict plus
+    ``"projection"`` (B, 128)."""
+
+    def __init__(self, backbone, embedding_dim, projection_dim=128):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = ProjectionHead(embedding_dim, projection_dim)
+        self.stage_channels = backbone.stage_channels
+        self.stage_prefixes = [[f"backbone.{p}" for p in ps] for ps in backbone.stage_prefixes]
+        self.aux_stages = getattr(backbone, "aux_stages", [])
+
+    def forward(self, x):
+        out = self.backbone(x)
+        out["projection"] = self.projection_head(out["embedding"])  # (B, 128)
         return out
 
 

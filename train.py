@@ -53,6 +53,24 @@ RECIPES = {
         epochs=300, lr=0.1, batch_size=64, momentum=0.9, wd=5e-4, milestones=[50, 150, 250],
         lam=1.0, delta=1.0, center_lr=0.5),
 }
+# Seed 003, long-tailed CIFAR: ResNet-32, batch 512, SGD momentum 0.9, wd 1e-4, lr 0.5,
+# 200 epochs, x0.1 at 120 and 160, alpha = 1 - (t/T)^2; tau 0.1 for SC, 1 (CIFAR-10) or
+# 0.1 (CIFAR-100) for PSC. iNaturalist 2018: ResNet-50 at 224, batch 100, lr 0.05,
+# 100 epochs, x0.1 at 60 and 80, alpha = 1 - t/T, tau 0.1.
+# not in the paper: beta = 100 in the recipes (the paper reports 100 / 50 / 10; pass
+# --imbalance-ratio), the 128-d projection width as in SupContrast, iNat with SC.
+_HYBRID_CIFAR = dict(model="resnet32", imbalance_ratio=100.0, batch_size=512, lr=0.5, momentum=0.9,
+                     wd=1e-4, epochs=200, milestones=[120, 160], alpha_schedule="parabolic")
+RECIPES.update({
+    "hybrid-sc-cifar10lt": dict(_HYBRID_CIFAR, dataset="cifar10", loss="hybrid-sc", tau=0.1),
+    "hybrid-psc-cifar10lt": dict(_HYBRID_CIFAR, dataset="cifar10", loss="hybrid-psc", tau=1.0),
+    "hybrid-sc-cifar100lt": dict(_HYBRID_CIFAR, dataset="cifar100", loss="hybrid-sc", tau=0.1),
+    "hybrid-psc-cifar100lt": dict(_HYBRID_CIFAR, dataset="cifar100", loss="hybrid-psc", tau=0.1),
+    "hybrid-inat": dict(model="resnet50", dataset="inat", image_size=224, loss="hybrid-sc", tau=0.1,
+                        batch_size=100, lr=0.05, momentum=0.9, wd=1e-4, epochs=100, milestones=[60, 80],
+                        alpha_schedule="linear"),
+})
+HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 
 
 # ----------------------------------------------------------------------------------
@@ -62,7 +80,8 @@ def build_datasets_from_args(args):
     return data.build_datasets(
         args.dataset, args.data_path, download=args.download, image_size=args.image_size,
         normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
-        split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False))
+        split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False),
+        imbalance_ratio=getattr(args, "imbalance_ratio", None))
 
 
 def build_model_from_args(args, num_classes, load_weights=True):
@@ -70,13 +89,21 @@ def build_model_from_args(args, num_classes, load_weights=True):
         args.model, num_classes, image_size=args.image_size or 32, block=args.block,
         shortcut=args.shortcut, pretrained=args.pretrained and load_weights,
         weights=args.weights if load_weights else None, plain_init=args.plain_init,
-        deep_sup=args.deep_sup, aux_dropout=args.aux_dropout)
+        deep_sup=args.deep_sup, aux_dropout=args.aux_dropout,
+        projection_dim=args.projection_dim if args.loss in HYBRID_LOSSES else 0)
 
 
 def build_criterion(args, num_classes, feat_dim):
-    """CE, or the joint objective of Eq. 8 with a (contrastive-)center loss."""
+    """CE (None), the joint objective of Eq. 8 with a (contrastive-)center loss, or
+    the hybrid network's objective with an SC / PSC / MPSC contrastive term."""
     if args.loss == "ce":
         return None
+    if args.loss == "hybrid-sc":
+        return losses.HybridLoss(losses.SupConLoss(args.tau))
+    if args.loss in ("hybrid-psc", "hybrid-mpsc"):
+        return losses.HybridLoss(losses.PSCLoss(
+            num_classes, args.projection_dim, args.tau, args.num_prototypes,
+            args.psc_include_positive, args.prototype_weights))
     if args.loss == "joint":
         center = losses.ContrastiveCenterLoss(num_classes, feat_dim, args.delta, args.ctc_reduction)
     else:
@@ -84,10 +111,18 @@ def build_criterion(args, num_classes, feat_dim):
     return losses.JointSupervisionLoss(center, args.lam)
 
 
-def compute_loss(criterion, out, labels, aux_weight=0.0):
+def compute_loss(criterion, out, labels, aux_weight=0.0, alpha=None):
     """-> (loss, {name: detached part}) for one batch of model output: CE or the
-    joint objective, plus alpha_t times the auxiliary CE terms with --deep-sup."""
-    if criterion is None:
+    joint objective, plus alpha_t times the auxiliary CE terms with --deep-sup.
+    For the hybrid losses ``out`` is the output on [contrastive views; CE batch]
+    and ``labels`` is (contrastive labels (B,), CE labels (B',))."""
+    if isinstance(criterion, losses.HybridLoss):
+        con_labels, labels = labels
+        n_views = 2 * len(con_labels)
+        projections = out["projection"][:n_views].view(len(con_labels), 2, -1)   # (B, 2, 128)
+        loss, parts = criterion(projections, con_labels, out["logits"][n_views:], labels, alpha)
+        out = {**out, "aux_logits": [a[n_views:] for a in out.get("aux_logits", [])]}
+    elif criterion is None:
         loss = F.cross_entropy(out["logits"], labels)
         parts = {"ce": loss.detach()}
     else:
@@ -100,9 +135,14 @@ def compute_loss(criterion, out, labels, aux_weight=0.0):
 
 def build_optimizer(args, model, criterion):
     """SGD over the network; the class centers get their own group: lr --center-lr
-    (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD)."""
+    (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD).
+    PSC prototypes get the network's lr, momentum and schedule, without weight
+    decay (not in the paper: the seed does not say how prototypes are learned)."""
     groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
-    if criterion is not None:
+    if isinstance(criterion, losses.HybridLoss):
+        if list(criterion.parameters()):
+            groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0, "lr": args.lr})
+    elif criterion is not None:
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0,
                        "lr": args.center_lr, "momentum": args.center_momentum})
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
@@ -123,7 +163,8 @@ def build_scheduler(args, optimizer, iters_per_epoch):
 
     factors = [network_factor]
     if len(optimizer.param_groups) > 1:
-        factors.append(network_factor if args.center_lr_schedule else (lambda iteration: 1.0))
+        scheduled = args.center_lr_schedule or args.loss in HYBRID_LOSSES
+        factors.append(network_factor if scheduled else (lambda iteration: 1.0))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
@@ -218,6 +259,20 @@ def load_state_checked(module, state, path, what):
 # ----------------------------------------------------------------------------------
 # Train / evaluate
 # ----------------------------------------------------------------------------------
+def prepare_batch(batch, device):
+    """-> (images, labels) on ``device``. A hybrid batch ((views (B, 2, 3, H, W),
+    labels (B,)), (images (B', 3, H, W), labels (B',))) becomes one input of
+    2B + B' images, so both branches share one forward pass (not in the paper:
+    one pass, hence shared BN batch statistics), and a pair of label tensors."""
+    if isinstance(batch[0], (list, tuple)):
+        (views, con_labels), (ce_images, ce_labels) = batch
+        images = torch.cat([views.flatten(0, 1), ce_images])                 # (2B + B', 3, H, W)
+        return (images.to(device, non_blocking=True),
+                (con_labels.to(device, non_blocking=True), ce_labels.to(device, non_blocking=True)))
+    images, labels = batch
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save):
     """Run ``loader`` (the rest of the epoch when resumed) until the epoch or
     ``state["total_iters"]`` ends. ``state`` carries the global iteration, the
@@ -227,10 +282,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
     if criterion is not None:
         criterion.train()
     window_start, window_images = time.time(), 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        images, labels = prepare_batch(batch, device)
         out = model(images)
-        loss, parts = compute_loss(criterion, out, labels, state["aux_weight"])
+        loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
         optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -322,10 +377,22 @@ def probe_gradients(model, criterion, optimizer, scheduler, loader, sampler, dev
     return means
 
 
+def shot_groups(train_counts, many_threshold=100, few_threshold=20):
+    """{"many": [classes], "medium": [...], "few": [...]}: classes with more than
+    ``many_threshold`` training images, ``few_threshold`` to ``many_threshold``,
+    and fewer than ``few_threshold`` (the usual long-tail split: > 100, 20-100, < 20)."""
+    groups = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        groups["many" if n > many_threshold else "few" if n < few_threshold else "medium"].append(c)
+    return groups
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes):
+def evaluate(model, loader, device, num_classes, train_counts=None, many_threshold=100, few_threshold=20):
     """Top-1 / top-5 (%) and per-class top-1 on ``loader``; top-5 becomes top-k
-    with k = K when K < 5. Returns a dict of floats and a per_class list."""
+    with k = K when K < 5. With ``train_counts`` (training images per class) also
+    many / medium / few-shot top-1: the mean per-class accuracy of each group
+    (NaN for an empty group). Returns a dict of floats and a per_class list."""
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -350,23 +417,69 @@ def evaluate(model, loader, device, num_classes):
         class_correct += torch.bincount(labels.cpu()[hit1], minlength=num_classes)
     per_class = (100.0 * class_correct / class_total.clamp_min(1)).tolist()
     present = class_total > 0
+    shots = {}
+    if train_counts is not None:
+        for group, classes in shot_groups(train_counts, many_threshold, few_threshold).items():
+            classes = [c for c in classes if present[c]]
+            shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else float("nan")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "n": total,
-            "balanced_top1": float(torch.tensor(per_class)[present].mean()),
+            "balanced_top1": float(torch.tensor(per_class)[present].mean()), **shots,
             **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             "per_class": per_class}
 
 
 def make_train_loader(args, train_set, device):
     """Shuffled with ``data.ResumableSampler`` and augmented per sample from its own
-    seed (``data.PerSampleSeed``), so a resumed run sees the same batches."""
+    seed (``data.PerSampleSeed``), so a resumed run sees the same batches.
+
+    Hybrid losses (seed 003) read two streams per iteration: the contrastive
+    branch takes instance-sampled images, two views each; the CE branch takes a
+    class-balanced batch (``data.ClassBalancedSampler``) of single views. Both
+    streams have len(train_set) // batch_size batches per epoch."""
     sampler = data.ResumableSampler(len(train_set), args.seed)
-    loader = torch.utils.data.DataLoader(
-        data.PerSampleSeed(train_set), batch_size=args.batch_size, sampler=sampler,
+    if args.loss not in HYBRID_LOSSES:
+        return _loader(args, data.PerSampleSeed(train_set), sampler, device), sampler
+    small = args.dataset in ("cifar10", "cifar100", "npz")
+    size = args.image_size or (32 if small else 224)
+    ce_transform, two_views = data.hybrid_transforms(args.normalize or data.DEFAULT_NORMALIZE[args.dataset],
+                                                     size, small)
+    balanced = data.ClassBalancedSampler(train_set.targets, args.seed)
+    streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
+               _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
+    return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
+
+
+def _loader(args, dataset, sampler, device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(args.seed))  # worker seeds never touch the global RNG
-    return loader, sampler
+
+
+class ZippedLoaders:
+    """Iterate several loaders in step: yields a tuple with one batch of each."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self):
+        return min(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        return zip(*self.loaders)
+
+
+class ZippedSamplers:
+    """``set_epoch`` for every sampler of a ``ZippedLoaders``."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch, start=0):
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch, start)
 
 
 def make_test_loader(test_set, batch_size, workers, device):
@@ -427,15 +540,18 @@ def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
               **{f"train_{k}": v for k, v in train_stats.items()},
               "test_top1": result["top1"], "test_top5": result["top5"],
               "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
-              **{f"test_{k}": v for k, v in result.items() if k.startswith("aux_top1")},
-              "aux_weight": state["aux_weight"],
+              **{f"test_{k}": v for k, v in result.items()
+                 if k.startswith("aux_top1") or k in ("many_top1", "medium_top1", "few_top1")},
+              "aux_weight": state["aux_weight"], "alpha": state["alpha"],
               "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
               "seconds": round(time.time() - state["start_time"], 1)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
           f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-          f"balanced {result['balanced_top1']:.2f}", flush=True)
+          f"balanced {result['balanced_top1']:.2f}"
+          + "".join(f" {g} {result[g + '_top1']:.2f}" for g in ("many", "medium", "few") if g + "_top1" in result),
+          flush=True)
 
 
 def main(args):
@@ -468,6 +584,7 @@ def main(args):
     train_loader, sampler = make_train_loader(args, train_set, device)
     test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
     iters_per_epoch = len(train_set) // args.batch_size
+    train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
     scheduler = build_scheduler(args, optimizer, iters_per_epoch)
@@ -485,7 +602,7 @@ def main(args):
           flush=True)
 
     state = {"iteration": 0, "epoch_sums": {}, "epoch_count": 0, "skipped_nonfinite": 0,
-             "seconds": 0.0, "stop_signal": None, "aux_weight": 0.0}
+             "seconds": 0.0, "stop_signal": None, "aux_weight": 0.0, "alpha": None}
     if ckpt is not None:
         if "rng" in ckpt:
             set_rng_states(ckpt["rng"])
@@ -533,12 +650,15 @@ def main(args):
                 state["epoch_sums"], state["epoch_count"] = {}, 0
             state["aux_weight"] = losses.deep_supervision_weight(
                 args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
+            if args.loss in HYBRID_LOSSES:
+                state["alpha"] = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha)
             state["epoch_end"] = min((epoch + 1) * iters_per_epoch, total_iters)
             train_stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader,
                                           device, epoch, state, args, save)
             last = state["iteration"] >= total_iters
             if (epoch + 1) % args.eval_every == 0 or last:
-                result = evaluate(model, test_loader, device, num_classes)
+                result = evaluate(model, test_loader, device, num_classes, train_counts,
+                                  args.many_threshold, args.few_threshold)
                 log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
             save()
             if state["stop_signal"] is not None:  # arrived in the epoch's last step or its evaluation
@@ -600,8 +720,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--probe-threshold", type=float, default=1e-7,
                    help="mean |grad| below which a layer counts as vanishing (paper: 1e-7)")
     # loss
-    p.add_argument("--loss", default="ce", choices=["ce", "center", "joint"],
-                   help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center loss")
+    p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES],
+                   help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center "
+                        "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="weight of the center term: default 1 for joint (Qi & Su, Eq. 8), "
                         "0.003 for center (Wen et al.'s face setting)")
@@ -615,6 +736,19 @@ def get_args_parser(add_help=True):
                    help="--loss center: Wen et al.'s Eq. 4 center step, or the raw gradient")
     p.add_argument("--center-lr-schedule", action="store_true",
                    help="also apply warm-up/milestones to the centers' lr (default: constant)")
+    # hybrid network (seed 003)
+    p.add_argument("--tau", type=float, default=0.1,
+                   help="temperature of SC / PSC (paper: 0.1; PSC on CIFAR-10: 1)")
+    p.add_argument("--alpha-schedule", default="parabolic", choices=["parabolic", "linear", "const"],
+                   help="alpha = 1-(t/T)^2 (CIFAR), 1-t/T (iNaturalist) or --alpha")
+    p.add_argument("--alpha", type=float, default=0.5, help="alpha for --alpha-schedule const")
+    p.add_argument("--projection-dim", type=int, default=128, help="width of the contrastive projection z")
+    p.add_argument("--num-prototypes", type=int,
+                   help="prototypes per class: 1 for hybrid-psc, default 4 for hybrid-mpsc (not in the paper)")
+    p.add_argument("--prototype-weights", default="uniform", choices=["uniform", "softmax"],
+                   help="MPSC weights w_{i,m}: 1/M, or a softmax over the own class's prototypes")
+    p.add_argument("--psc-include-positive", action="store_true",
+                   help="include the positive class in the PSC denominator (the paper excludes it)")
     # data
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data-path", help="dataset root or .npz file (cifar default: ./data)")
@@ -625,7 +759,14 @@ def get_args_parser(add_help=True):
     p.add_argument("--lfw-top-k", type=int, default=20, help="LFW: keep the k identities with most images")
     p.add_argument("--cub-classes", type=int, help="CUB: keep the first N classes, 8:2 split")
     p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the LFW / CUB-subset 8:2 split (fixed across --seed on purpose)")
+                   help="seed of the LFW / CUB-subset 8:2 split and of the long-tailed subset "
+                        "(fixed across --seed on purpose)")
+    p.add_argument("--imbalance-ratio", type=float, metavar="BETA",
+                   help="make a cifar10/cifar100/npz training set long-tailed: n_max/n_min = BETA")
+    p.add_argument("--many-threshold", type=int, default=100,
+                   help="many-shot classes have more than this many training images")
+    p.add_argument("--few-threshold", type=int, default=20,
+                   help="few-shot classes have fewer than this many training images")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     # schedule
     p.add_argument("--epochs", type=int, default=200)
@@ -670,6 +811,14 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     if args.lam is None:
         args.lam = 0.003 if args.loss == "center" else 1.0
+    if args.num_prototypes is None:
+        args.num_prototypes = 4 if args.loss == "hybrid-mpsc" else 1
+    if args.loss == "hybrid-psc" and args.num_prototypes != 1:
+        parser.error("--loss hybrid-psc has one prototype per class; use --loss hybrid-mpsc for more")
+    if args.loss in HYBRID_LOSSES and args.probe_gradients:
+        parser.error("--probe-gradients works with --loss ce / center / joint, not with a hybrid loss")
+    if args.imbalance_ratio is not None and args.imbalance_ratio < 1:
+        parser.error("--imbalance-ratio must be >= 1 (n_max / n_min)")
     for name in ("epochs", "batch_size", "print_freq", "eval_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
