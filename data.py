@@ -17,6 +17,10 @@ Formats (SPEC.md Sec. 6):
     cub                CUB_200_2011 release: images.txt, image_class_labels.txt,
                        train_test_split.txt, images/
     inat               iNaturalist 2018: train2018.json, val2018.json (+ the image tree)
+    nabirds            NABirds release: the same files plus classes.txt; UUID image
+                       ids, non-contiguous class ids mapped to 0..K-1
+    dogs               Stanford Dogs as <root>/train/<class>/*.jpg and
+                       <root>/test/<class>/*.jpg (or val/)
 
 ``imbalance_ratio`` makes the cifar10 / cifar100 / npz training set long-tailed
 (``long_tailed_subset``); ``hybrid_transforms`` and ``ClassBalancedSampler`` are
@@ -34,7 +38,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.datasets.folder import default_loader
 
-DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub", "inat")
+DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub", "inat", "nabirds", "dogs")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -516,6 +520,62 @@ def load_inat(root, transforms):
     return sets[0], sets[1], len(classes)
 
 
+def load_nabirds(root, transforms):
+    """NABirds release layout (Van Horn et al. 2015): images.txt, image_class_labels.txt,
+    train_test_split.txt, images/, classes.txt. Image ids are UUID strings (kept in
+    file order); class ids are integers, not contiguous (only the leaf classes have
+    images), so the sorted set of ids used in image_class_labels.txt becomes 0..K-1.
+    Names come from classes.txt when present. Official train/test split."""
+    for file in ("images.txt", "image_class_labels.txt", "train_test_split.txt"):
+        if not os.path.isfile(os.path.join(root, file)):
+            raise DataError(f"{os.path.join(root, file)} not found: --dataset nabirds needs --data-path DIR "
+                            f"of the NABirds release (images.txt, image_class_labels.txt, "
+                            f"train_test_split.txt, images/)")
+    paths = _read_table(os.path.join(root, "images.txt"))
+    raw_labels = _read_table(os.path.join(root, "image_class_labels.txt"))
+    is_train = {k: v.strip() == "1" for k, v in _read_table(os.path.join(root, "train_test_split.txt")).items()}
+    missing = [i for i in paths if i not in raw_labels or i not in is_train]
+    if missing:
+        raise DataError(f"{root}: image ids {missing[:3]} have no class label or split entry")
+    classes_file = os.path.join(root, "classes.txt")
+    try:
+        used = sorted({int(v) for v in raw_labels.values()})
+        names = {int(k): v.strip() for k, v in _read_table(classes_file).items()} \
+            if os.path.isfile(classes_file) else {}
+    except ValueError as e:
+        raise DataError(f"{root}: malformed NABirds metadata, class ids must be integers ({e})") from None
+    index = {class_id: k for k, class_id in enumerate(used)}
+    samples = [(os.path.join(root, "images", paths[i].strip()), index[int(raw_labels[i])]) for i in paths]
+    if not samples or not os.path.isfile(samples[0][0]):
+        raise DataError(f"NABirds images missing under {os.path.join(root, 'images')}: "
+                        f"pass --data-path DIR of the extracted NABirds release")
+    classes = [names.get(class_id, str(class_id)) for class_id in used]
+    train = [s for s, i in zip(samples, paths) if is_train[i]]
+    test = [s for s, i in zip(samples, paths) if not is_train[i]]
+    return (FileListDataset(train, classes, transforms[0]),
+            FileListDataset(test, classes, transforms[1]), len(classes))
+
+
+def load_dogs(root, transforms):
+    """Stanford Dogs (Khosla et al. 2011) as an ImageFolder tree: <root>/train/<class>/
+    and <root>/test/<class>/ (or val/). not in the paper: the release's
+    train_list.mat / test_list.mat split must be laid out as folders first."""
+    test_split = "test" if os.path.isdir(os.path.join(root, "test")) else "val"
+    sets = []
+    for split, transform in zip(("train", test_split), transforms):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder} not found: --dataset dogs needs --data-path DIR with "
+                            f"DIR/train/<class>/ and DIR/test/<class>/ (the official split as folders)")
+        try:
+            sets.append(torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image))
+        except FileNotFoundError as e:  # no class folders / no images
+            raise DataError(f"{folder}: {e}; --dataset dogs needs DIR/{split}/<class>/*.jpg") from None
+    if sets[0].classes != sets[1].classes:
+        raise DataError(f"{root}: train/ and {test_split}/ have different class folders")
+    return sets[0], sets[1], len(sets[0].classes)
+
+
 def _skip_unreadable(dataset):
     """Drop unreadable files from a file-based dataset in place; records them in
     ``dataset.dropped``."""
@@ -528,7 +588,8 @@ def _skip_unreadable(dataset):
 
 # not in the paper: seed 000 does not give its normalisation; ImageNet statistics for LFW / CUB.
 DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
-                     "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet", "inat": "imagenet"}
+                     "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet", "inat": "imagenet",
+                     "nabirds": "imagenet", "dogs": "imagenet"}  # seed 002: ImageNet-pretrained Swin-L
 
 
 def build_datasets(name, data_path=None, download=False, image_size=None, normalize=None,
@@ -566,6 +627,10 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
         sets = load_inat(data_path, lfw_transforms(image_size, normalize))
     elif name == "lfw":
         sets = load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
+    elif name == "nabirds":
+        sets = load_nabirds(data_path, cub_transforms(image_size, normalize))
+    elif name == "dogs":
+        sets = load_dogs(data_path, cub_transforms(image_size, normalize))
     else:
         sets = load_cub(data_path, cub_transforms(image_size, normalize), cub_classes, split_seed)
     if skip_corrupt:

@@ -360,3 +360,46 @@ class HybridLoss(nn.Module):
         con = self.contrastive(projections, con_labels)
         ce = F.cross_entropy(logits, ce_labels)
         return alpha * con + (1 - alpha) * ce, {"con": con.detach(), "ce": ce.detach()}  # Eq. (1)
+
+
+# MKSMT (Yu et al. 2023; seed 002): knowledge self-distillation between stages
+# ----------------------------------------------------------------------------------
+def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True, t2_scale=True):
+    """Decision distillation of MKSMT (Yu et al. 2023, Sec. 1.2 Eq. 1, 2 and Sec. 2.4
+    Eq. 6; SPEC Sec. 3): the shallower head (student, S3) matches the softened
+    output of the deeper one (teacher, S4).
+
+        p_i = exp(z_i / T) / sum_j exp(z_j / T)                               (Eq. 1)
+        L_KD = 1/B sum_b sum_i p_t,i (log p_t,i - log p_s,i)  = KL(p_t || p_s) (Eq. 2, 6)
+        L_KD <- T^2 * L_KD  when t2_scale                  (Hinton et al. 2015)
+
+    Args:
+        temperature: T; 1 in the paper (its sweep: 1, 2, 3, 4, 7, 10).
+        detach_teacher: no gradient flows into the teacher head (default).
+        t2_scale: multiply by T^2 so the gradient scale does not shrink as 1/T^2.
+            not in the paper: the seed does not say; Hinton's convention. No effect at T = 1.
+    Shapes:
+        student_logits (B, K), teacher_logits (B, K) -> scalar. Computed in at
+        least float32, with log_softmax (no exp overflow).
+    """
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    teacher = teacher_logits.detach() if detach_teacher else teacher_logits
+    log_p_s = (student_logits.to(dtype) / temperature).log_softmax(dim=1)    # (B, K)  Eq. (1)
+    log_p_t = (teacher.to(dtype) / temperature).log_softmax(dim=1)           # (B, K)  Eq. (1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()             # Eq. (2), (6)
+    return kl * temperature ** 2 if t2_scale else kl
+
+
+def feature_kd_loss(student_feature, teacher_feature, detach_teacher=True):
+    """Feature distillation, an ablation of MKSMT (Yu et al. 2023, Sec. 3.4, Table 11):
+    the student's OPM feature (``OPM`` returns it: the input of its last Linear)
+    matches the teacher's.
+
+        L = 1/(B d) sum_b sum_k (f_s,bk - f_t,bk)^2
+
+    not in the paper: the feature-distillation ablation's exact distance is not given; MSE.
+    Shapes: student_feature (B, d), teacher_feature (B, d) -> scalar.
+    """
+    teacher = teacher_feature.detach() if detach_teacher else teacher_feature
+    # not in the paper: the feature-distillation ablation's exact distance is not given; MSE
+    return F.mse_loss(student_feature, teacher)  # mean over B * d elements

@@ -555,3 +555,196 @@ def load_partial_state_dict(model, path):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------
+# MKSMT (Yu et al. 2023; seed 002): output processing module, Swin-L weights
+# ----------------------------------------------------------------------------------
+class OPM(nn.Module):
+    """Output processing module of MKSMT (Yu et al. 2023, Sec. 2.1, Fig. 2; SPEC Sec. 3): maps
+    one stage's feature map to K class scores, one module per supervised stage.
+
+        conv1x1 C -> m, BN, ReLU;  conv3x3 m -> 2m, BN, ReLU
+        global max pool;  BN1d(2m);  Linear 2m -> f;  BN1d(f);  ELU  (= feature)
+        Linear f -> K                                                  (= logits)
+
+    not in the paper: the layers (the paper shows the OPM only in a figure); this is
+    PMG's head (Du et al. 2020, "progressive multi-granularity training"), m = f = 512.
+
+    Args:
+        in_channels: C, channels of the stage map (192/384/768/1536 for Swin-L).
+        num_classes: K.
+        mid_channels: m (the 3x3 conv has 2m channels); pass less for tiny CIFAR nets.
+        feat_dim: f, width of the feature used for feature distillation.
+    Shapes:
+        feature_map (B, C, H, W), any H, W >= 1 -> (logits (B, K), feature (B, f)).
+        BatchNorm1d needs B >= 2 in training mode.
+    """
+
+    def __init__(self, in_channels, num_classes, mid_channels=512, feat_dim=512):
+        super().__init__()
+        # not in the paper: the paper's OPM is only in a figure; PMG's head
+        self.conv = nn.Sequential(
+            Conv2dNormActivation(in_channels, mid_channels, kernel_size=1),       # conv-BN-ReLU
+            Conv2dNormActivation(mid_channels, 2 * mid_channels, kernel_size=3))  # conv-BN-ReLU
+        self.embed = nn.Sequential(
+            nn.BatchNorm1d(2 * mid_channels), nn.Linear(2 * mid_channels, feat_dim),
+            nn.BatchNorm1d(feat_dim), nn.ELU())
+        self.fc = nn.Linear(feat_dim, num_classes)
+
+    def forward(self, feature_map):
+        pooled = self.conv(feature_map).amax(dim=(2, 3))  # (B, 2m) global max pool
+        feature = self.embed(pooled)                       # (B, f)
+        return self.fc(feature), feature                   # (B, K), (B, f)
+
+
+def swin_official_to_torchvision(state_dict, depths):
+    """Rename an official Swin Transformer (v1) state dict (microsoft/Swin-Transformer
+    release, ``checkpoint["model"]``) to torchvision ``SwinTransformer`` keys.
+
+        patch_embed.proj / .norm                 -> features.0.0 / features.0.2
+        layers.i.blocks.j.{norm1, attn.qkv, attn.proj, attn.relative_position_bias_table, norm2}
+                                                 -> features.{2i+1}.j.<same>
+        layers.i.blocks.j.mlp.fc1 / .fc2         -> features.{2i+1}.j.mlp.0 / .mlp.3
+        layers.i.downsample.{reduction, norm}    -> features.{2i+2}.<same>
+        norm, head                               -> norm, head
+
+    Tensors are passed through unchanged: both codes concatenate the 2x2 patch
+    neighbours in the same order in patch merging (x0 = [0::2, 0::2],
+    x1 = [1::2, 0::2], x2 = [0::2, 1::2], x3 = [1::2, 1::2] on (B, H, W, C)), split
+    qkv as (3, heads, C / heads), and index the (2W-1)^2 x heads bias table with the
+    same relative-position index, so no weight is permuted.
+
+    Args:
+        state_dict: the official tensors.
+        depths: blocks per stage of the target net, e.g. [2, 2, 18, 2] (Swin-L); a
+            stage or block outside them is left unmapped.
+    Returns:
+        (converted dict, dropped, unmapped): ``dropped`` lists the buffers
+        ``relative_position_index`` / ``attn_mask`` that torchvision recomputes;
+        ``unmapped`` the official keys that match no rule.
+    """
+    converted, dropped, unmapped = {}, [], []
+    for key, value in state_dict.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            dropped.append(key)
+            continue
+        parts = key.split(".")
+        new = None
+        if key.startswith("patch_embed.proj."):
+            new = "features.0.0." + parts[-1]
+        elif key.startswith("patch_embed.norm."):
+            new = "features.0.2." + parts[-1]
+        elif parts[0] in ("norm", "head") and len(parts) == 2:
+            new = key
+        elif parts[0] == "layers" and len(parts) > 3 and parts[1].isdigit():
+            i = int(parts[1])
+            if i < len(depths) and parts[2] == "blocks" and parts[3].isdigit() and int(parts[3]) < depths[i]:
+                rest = ".".join(parts[4:]).replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3.")
+                new = f"features.{2 * i + 1}.{parts[3]}.{rest}"
+            elif i < len(depths) - 1 and parts[2] == "downsample":
+                new = f"features.{2 * i + 2}." + ".".join(parts[3:])
+        if new is None:
+            unmapped.append(key)
+        else:
+            converted[new] = value
+    return converted, dropped, unmapped
+
+
+def _pair(window):
+    return (window, window) if isinstance(window, int) else tuple(window)
+
+
+def resize_relative_position_bias(table, old_window, new_window):
+    """Bicubic resize of a Swin relative-position bias table, as the official code
+    does when fine-tuning at another window size (microsoft/Swin-Transformer,
+    ``utils.load_pretrained``): the table is read as a (2W_h-1) x (2W_w-1) image
+    with one channel per head.
+
+    Args:
+        table: ((2W_h-1)(2W_w-1), heads) for ``old_window``.
+        old_window, new_window: int or (W_h, W_w).
+    Returns:
+        ((2W'_h-1)(2W'_w-1), heads), in the table's dtype.
+    """
+    (oh, ow), (nh, nw) = _pair(old_window), _pair(new_window)
+    heads = table.shape[1]
+    if table.shape[0] != (2 * oh - 1) * (2 * ow - 1):
+        raise ValueError(f"table has {table.shape[0]} rows; a {oh}x{ow} window needs {(2 * oh - 1) * (2 * ow - 1)}")
+    image = table.to(torch.promote_types(table.dtype, torch.float32)).t()         # at least float32
+    image = image.reshape(1, heads, 2 * oh - 1, 2 * ow - 1)                       # (1, heads, 2W-1, 2W-1)
+    image = F.interpolate(image, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic")   # (1, heads, 2W'-1, 2W'-1)
+    return image.reshape(heads, -1).t().contiguous().to(table.dtype)              # ((2W'-1)^2, heads)
+
+
+def load_swin_official(model, path_or_state_dict):
+    """Load official Swin Transformer weights (e.g. the ImageNet-22K Swin-L release,
+    ``swin_large_patch4_window7_224_22k.pth``) into torchvision's ``SwinTransformer``
+    or into any module holding one (this file's ``Swin`` holds it at ``.net``, so
+    the keys get a ``net.`` prefix); the first ``SwinTransformer`` found is loaded.
+
+    Keys are renamed by ``swin_official_to_torchvision``. Bias tables of another
+    window size (e.g. the window-12 / 384 px checkpoints into a window-7 net) are
+    resized with ``resize_relative_position_bias``. Any other tensor whose shape
+    differs from the model's, typically the classification head when K differs
+    (21841 for 22K), is skipped and stays at its initialisation.
+
+    Caveat: the official code shrinks the window of a stage whose map is smaller
+    than the window; torchvision pads the map instead. Both agree whenever
+    every stage map is at least one window (Swin-L at 224 px with window 7, or 384 px
+    with window 12).
+
+    Args:
+        model: ``SwinTransformer`` or a module containing one.
+        path_or_state_dict: a file path, or a dict; either may wrap the tensors
+            as ``{"model": state_dict}``.
+    Returns:
+        report dict: ``loaded`` (int), ``missing`` (model keys left at init, except
+        the ``relative_position_index`` buffers torchvision computes), ``unexpected``
+        (checkpoint keys with no place in the model), ``resized`` (bias tables),
+        ``skipped_shape`` (shape mismatches), ``dropped_buffers``; one summary line
+        is printed.
+    """
+    state = path_or_state_dict
+    if not isinstance(state, dict):
+        try:
+            state = torch.load(state, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a checkpoint pickling more than tensors (e.g. a config object)
+            raise ValueError(f"cannot read {path_or_state_dict} with weights_only=True ({e.__class__.__name__}); "
+                             f"re-save its 'model' entry with torch.save(ckpt['model'], path)") from None
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    name, net = next(((n, m) for n, m in model.named_modules()
+                      if isinstance(m, torchvision.models.SwinTransformer)), (None, None))
+    if net is None:
+        raise ValueError(f"{model.__class__.__name__} holds no torchvision SwinTransformer to load Swin weights into")
+    prefix = name + "." if name else ""  # "net." inside ``Swin``
+    depths = [len(net.features[i]) for i in range(1, len(net.features), 2)]
+    windows = {f"features.{i}.{j}.attn.relative_position_bias_table": block.attn.window_size
+               for i in range(1, len(net.features), 2) for j, block in enumerate(net.features[i])}
+    converted, dropped, unexpected = swin_official_to_torchvision(state, depths)
+    own = model.state_dict()
+    loaded, resized, skipped = {}, [], []
+    for key, value in converted.items():
+        target = prefix + key
+        if target not in own:
+            unexpected.append(key)
+            continue
+        if key in windows and value.shape != own[target].shape and value.shape[1] == own[target].shape[1]:
+            side = int(round(value.shape[0] ** 0.5))  # official v1 windows are square
+            value = resize_relative_position_bias(value, (side + 1) // 2, windows[key])
+            resized.append(key)
+        if value.shape != own[target].shape:
+            skipped.append(f"{key} {tuple(value.shape)} -> {tuple(own[target].shape)}")
+            continue
+        loaded[target] = value
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in own if k not in loaded and not k.endswith("relative_position_index")]
+    report = {"loaded": len(loaded), "missing": missing, "unexpected": unexpected, "resized": resized,
+              "skipped_shape": skipped, "dropped_buffers": dropped}
+    print(f"Swin weights: loaded {len(loaded)} tensors; missing {len(missing)} {missing[:4]}; "
+          f"unexpected {len(unexpected)} {unexpected[:4]}; resized {len(resized)} bias tables; "
+          f"skipped (shape) {skipped[:4]}; dropped {len(dropped)} recomputed buffers")
+    return report
