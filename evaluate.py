@@ -2,11 +2,15 @@
 
     python evaluate.py --checkpoint runs/<name>/checkpoint.pth --json
     python evaluate.py --checkpoint runs/<name>/checkpoint.pth --plot
+    python evaluate.py --checkpoint runs/<name>/checkpoint.pth --flip v --complexity --gradcam 8
 
 The checkpoint is loaded with ``torch.load(..., weights_only=True)``; the model and
 the test split are rebuilt from the arguments saved in it (``--data-path`` overrides
 where the data now lives). Reports top-1, top-5, class-balanced top-1 and per-class
-top-1 (%) on the test split.
+top-1 (%) on the test split; many / medium / few-shot top-1 when the training set
+is long-tailed; every MKSMT head's top-1. ``--flip h|v`` evaluates on mirrored test
+images, ``--complexity`` counts parameters and FLOPs against the plain backbone,
+``--gradcam N`` writes Grad-CAM overlays per head (PIL only).
 """
 import json
 import os
@@ -14,6 +18,9 @@ import sys
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint,
@@ -81,6 +88,131 @@ def plot_probe(csv_path):
     return png_path
 
 
+# ----------------------------------------------------------------------------------
+# MKSMT extras (Yu et al. 2023; SPEC Sec. 3): Grad-CAM per head, parameters / FLOPs
+# ----------------------------------------------------------------------------------
+def gradcam(model, images, head_index):
+    """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one supervised head.
+
+        alpha_c = 1/(H W) sum_{h,w} d y^c / d A_{c,h,w}            (Eq. 1)
+        L       = ReLU(sum_c alpha_c A_c)                          (Eq. 2)
+
+    y^c is the head's logit of its own predicted class, A the stage map the head
+    reads. L is upsampled bilinearly to the image size and min-max normalised per
+    image to [0, 1] (an all-zero map stays 0).
+
+    Args:
+        model: ``forward(images)`` returns a dict with ``"stages"`` (list of
+            (B, C, H, W)), ``"head_logits"`` (list of (B, K)) and ``"head_stages"``
+            (the stage index each head reads, same order). The head must compute
+            its logits from that very ``out["stages"][s]`` tensor. Run in eval
+            mode; the previous mode is restored.
+        images: (B, 3, H_img, W_img).
+        head_index: which head.
+    Returns:
+        cams (B, H_img, W_img) float in [0, 1], predictions (B,) int64.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(images)
+            stage = out["stages"][out["head_stages"][head_index]]                 # (B, C, h, w)
+            logits = out["head_logits"][head_index]                               # (B, K)
+            predictions = logits.argmax(dim=1)                                     # (B,)
+            score = logits.gather(1, predictions[:, None]).sum()  # samples are independent in eval mode
+            (grad,) = torch.autograd.grad(score, stage, allow_unused=True)
+    finally:
+        model.train(was_training)
+    if grad is None:
+        raise ValueError(f"head {head_index} does not read out['stages'][{out['head_stages'][head_index]}]; "
+                         f"Grad-CAM needs the stage map the head is computed from")
+    weights = grad.mean(dim=(2, 3))                                               # (B, C)  Eq. (1)
+    cam = F.relu((weights[:, :, None, None] * stage.detach()).sum(dim=1))         # (B, h, w)  Eq. (2)
+    cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - low
+    cam = (cam - low) / span.clamp_min(1e-12)                                     # (B, H_img, W_img)
+    return cam, predictions
+
+
+def jet(values):
+    """A jet-like colour map written out: blue (0) -> cyan -> green -> yellow -> red (1).
+    values (...) in [0, 1] -> (..., 3) in [0, 1]."""
+    v = values.clamp(0, 1)[..., None]
+    centres = torch.tensor([0.75, 0.5, 0.25], dtype=v.dtype)  # where R, G, B peak
+    return (1.5 - (4 * (v - centres)).abs()).clamp(0, 1)
+
+
+def save_overlays(images_uint8, cams, path_prefix, alpha=0.5):
+    """Write one PNG per image: (1 - alpha) * image + alpha * jet(cam).
+
+    Args:
+        images_uint8: (B, 3, H, W) uint8.
+        cams: (B, H, W) in [0, 1] (``gradcam``'s output).
+        path_prefix: files are ``{path_prefix}_{b:03d}.png``.
+    Returns:
+        list of the B paths.
+    """
+    folder = os.path.dirname(path_prefix)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    images = images_uint8.detach().cpu().permute(0, 2, 3, 1).float() / 255      # (B, H, W, 3)
+    colours = jet(cams.detach().cpu().float())                                   # (B, H, W, 3)
+    blended = ((1 - alpha) * images + alpha * colours) * 255
+    paths = []
+    for b in range(len(blended)):
+        path = f"{path_prefix}_{b:03d}.png"
+        Image.fromarray(blended[b].round().clamp(0, 255).to(torch.uint8).numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+def complexity(model, image_size):
+    """Parameters and FLOPs of one forward pass on a (1, 3, S, S) input (eval mode,
+    no grad), counted by ``torch.utils.flop_counter.FlopCounterMode`` (a
+    multiply-add counts 2; element-wise ops, norms and softmax are not counted).
+    Returns {"params": int, "flops": int}."""
+    was_training = model.training
+    model.eval()
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else "cpu"
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
+
+
+def report_complexity(train_args, num_classes, image_size):
+    """Parameters and FLOPs of the backbone alone (its own classifier) and of the
+    trained model (e.g. with MKSMT's heads), with the relative overhead."""
+    plain_args = SimpleNamespace(**{**vars(train_args), "loss": "ce", "deep_sup": [], "heads": None})
+    backbone = build_model_from_args(plain_args, num_classes, load_weights=False)
+    model = build_model_from_args(train_args, num_classes, load_weights=False)
+    result = {"backbone": complexity(backbone, image_size), "model": complexity(model, image_size)}
+    for key in ("params", "flops"):
+        result[f"{key}_overhead_percent"] = 100.0 * (result["model"][key] / result["backbone"][key] - 1)
+    return result
+
+
+def write_gradcams(model, test_set, count, folder, normalize, device):
+    """Grad-CAM overlays of the first ``count`` test images for every head:
+    folder/head_stage{S}_{i:03d}.png."""
+    if not hasattr(model, "head_stages"):
+        raise data.DataError("--gradcam needs a model trained with --loss mksmt (per-stage heads)")
+    images = torch.stack([test_set[i][0] for i in range(min(count, len(test_set)))]).to(device)
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in data.NORMALIZATIONS[normalize])
+    pixels = ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)   # (N, 3, H, W)
+    paths = []
+    for i, stage in enumerate(model.head_stages):
+        cams, _ = gradcam(model, images, i)
+        paths += save_overlays(pixels, cams, os.path.join(folder, f"head_stage{stage}"))
+    return paths
+
+
 def main(args):
     if args.probe:
         if not os.path.isfile(args.probe):
@@ -106,8 +238,18 @@ def main(args):
     test_loader = make_test_loader(test_set, args.batch_size, args.workers, device)
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
-    result = evaluate(model.to(device), test_loader, device, num_classes, train_counts,
-                      train_args.many_threshold, train_args.few_threshold)
+    model.to(device)
+    if args.gradcam:
+        paths = write_gradcams(model, test_set, args.gradcam, args.gradcam_dir, train_args.normalize
+                               or data.DEFAULT_NORMALIZE[train_args.dataset], device)
+        print(f"wrote {len(paths)} Grad-CAM overlays to {args.gradcam_dir}")
+    result = evaluate(model, test_loader, device, num_classes, train_counts,
+                      train_args.many_threshold, train_args.few_threshold, flip=args.flip)
+    result["flip"] = args.flip
+    if args.complexity:
+        small = train_args.dataset in ("cifar10", "cifar100", "npz")
+        result["complexity"] = report_complexity(train_args, num_classes,
+                                                 train_args.image_size or (32 if small else 224))
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
     result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"])
     if args.json:
@@ -116,12 +258,22 @@ def main(args):
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}): "
               f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
               f"balanced top1 {result['balanced_top1']:.2f} on {result['n']} test images")
-        print("  many / medium / few-shot top1 (> {} / {}-{} / < {} training images): ".format(
-              train_args.many_threshold, train_args.few_threshold, train_args.many_threshold,
-              train_args.few_threshold)
-              + " / ".join(f"{result[g + '_top1']:.2f}" for g in ("many", "medium", "few")))
+        if sum(result[g + "_top1"] == result[g + "_top1"] for g in ("many", "medium", "few")) > 1:  # not NaN
+            print("  many / medium / few-shot top1 (> {} / {}-{} / < {} training images): ".format(
+                  train_args.many_threshold, train_args.few_threshold, train_args.many_threshold,
+                  train_args.few_threshold)
+                  + " / ".join(f"{result[g + '_top1']:.2f}" for g in ("many", "medium", "few")))
         for name, acc in result["per_class"].items():
             print(f"  {name:30s} {acc:6.2f}")
+        for key in sorted(k for k in result if k.startswith("head_top1")):
+            print(f"  {key}: {result[key]:.2f}")
+        if args.flip:
+            print(f"  (test images flipped: {'horizontally' if args.flip == 'h' else 'vertically'})")
+        if args.complexity:
+            c = result["complexity"]
+            print(f"  params {c['backbone']['params']:,} -> {c['model']['params']:,} "
+                  f"({c['params_overhead_percent']:+.1f}%), FLOPs {c['backbone']['flops']:,} -> "
+                  f"{c['model']['flops']:,} ({c['flops_overhead_percent']:+.1f}%)")
     return 0
 
 
@@ -135,6 +287,12 @@ def get_args_parser(add_help=True):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", action="store_true", help="draw metrics.jsonl curves to PNG (matplotlib)")
+    p.add_argument("--flip", choices=["h", "v"], help="evaluate on horizontally / vertically flipped test images")
+    p.add_argument("--complexity", action="store_true",
+                   help="parameters and FLOPs of the backbone alone vs the trained model (with its heads)")
+    p.add_argument("--gradcam", type=int, default=0, metavar="N",
+                   help="write Grad-CAM overlays of N test images for every MKSMT head")
+    p.add_argument("--gradcam-dir", default="gradcam", help="folder for the --gradcam PNGs")
     return p
 
 

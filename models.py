@@ -178,13 +178,21 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
+    def run_stages(self, x, upto=None):
+        """The stage maps [(B, C_s, H_s, W_s)] up to stage ``upto`` (default: all);
+        deeper stages are not computed (MKSMT's step 1 stops at its stage)."""
+        last = len(self.groups) - 1 if upto is None else upto
         x = self.stem(x)
         stages = []
-        for group in self.groups:
+        for group in self.groups[:last + 1]:
             x = group(x)
             stages.append(x)
-        stages[-1] = self.final_act(stages[-1])
+        if last == len(self.groups) - 1:
+            stages[-1] = self.final_act(stages[-1])
+        return stages
+
+    def forward(self, x):
+        stages = self.run_stages(x)
         embedding = stages[-1].mean(dim=(2, 3))  # (B, 64)
         return {"logits": self.fc(embedding), "embedding": embedding, "stages": stages}
 
@@ -232,7 +240,7 @@ class PlainNet(nn.Module):
                     raise ValueError(f"init must be 'xavier' or 'kaiming', got {init!r}")
                 nn.init.zeros_(m.bias)
 
-    forward = CifarResNet.forward  # same stem / groups / pool / fc flow
+    run_stages, forward = CifarResNet.run_stages, CifarResNet.forward  # same stem / groups / pool / fc flow
 
 
 # ----------------------------------------------------------------------------------
@@ -282,22 +290,29 @@ class TorchvisionCNN(nn.Module):
                                    for start, end in zip(starts, _MOBILENET_STAGE_ENDS)]
         self.net = net
 
-    def forward(self, x):
-        net, stages = self.net, []
+    def run_stages(self, x, upto=None):
+        """The 4 stage maps, or those up to stage ``upto`` (deeper ones are not computed)."""
+        net, stages, last = self.net, [], 3 if upto is None else upto
         if self.name.startswith("resnet"):
             x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-            for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for layer in (net.layer1, net.layer2, net.layer3, net.layer4)[:last + 1]:
                 x = layer(x)
                 stages.append(x)
-            embedding = torch.flatten(net.avgpool(x), 1)  # (B, d)
-            logits = net.fc(embedding)
         else:
-            for i, module in enumerate(net.features):
+            for i, module in enumerate(net.features[:_MOBILENET_STAGE_ENDS[last] + 1]):
                 x = module(x)
                 if i in _MOBILENET_STAGE_ENDS:
                     stages.append(x)
-            embedding = x.mean(dim=(2, 3))  # (B, 1280)
-            logits = net.classifier(embedding)  # dropout + linear
+        return stages
+
+    def forward(self, x):
+        stages = self.run_stages(x)
+        if self.name.startswith("resnet"):
+            embedding = torch.flatten(self.net.avgpool(stages[-1]), 1)  # (B, d)
+            logits = self.net.fc(embedding)
+        else:
+            embedding = stages[-1].mean(dim=(2, 3))  # (B, 1280)
+            logits = self.net.classifier(embedding)  # dropout + linear
         return {"logits": logits, "embedding": embedding, "stages": stages}
 
 
@@ -333,7 +348,7 @@ class Swin(nn.Module):
     Shapes:
         x (B, 3, H, W) -> logits (B, K), embedding (B, 8C) with C = 96 (t, s),
         128 (b), 192 (l); stages [(B, C, H/4, W/4), (B, 2C, H/8, W/8),
-        (B, 4C, H/16, W/16), (B, 8C, H/32, W/32)].
+        (B, 4C, H/16, W/16), (B, 8C, H/32, W/32)], the last after the final LayerNorm.
     """
 
     def __init__(self, name, num_classes, pretrained=False):
@@ -347,21 +362,29 @@ class Swin(nn.Module):
         self.stage_channels = [net.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
         self.stage_prefixes = [[f"net.features.{i}.", f"net.features.{i + 1}."] for i in (0, 2, 4, 6)]
 
-    def forward(self, x):
+    def run_stages(self, x, upto=None):
+        """The 4 stage maps as NCHW, or those up to stage ``upto``. The last stage
+        is taken after Swin's final LayerNorm (the map the classifier pools)."""
+        last = 3 if upto is None else upto
         stages = []
-        for i, module in enumerate(self.net.features):
+        for i, module in enumerate(self.net.features[:2 * last + 2]):
             x = module(x)  # (B, H, W, C)
             if i % 2 == 1:
-                stages.append(x.permute(0, 3, 1, 2))
-        x = self.net.norm(x)
-        embedding = x.mean(dim=(1, 2))  # (B, 8C)
+                stages.append(x)
+        if last == 3:
+            stages[-1] = self.net.norm(stages[-1])
+        return [s.permute(0, 3, 1, 2) for s in stages]
+
+    def forward(self, x):
+        stages = self.run_stages(x)
+        embedding = stages[-1].mean(dim=(2, 3))  # (B, 8C)
         return {"logits": self.net.head(embedding), "embedding": embedding, "stages": stages}
 
 
 # ----------------------------------------------------------------------------------
 def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
                 pretrained=False, weights=None, plain_init="xavier", deep_sup=(), aux_dropout=0.5,
-                projection_dim=0):
+                projection_dim=0, heads=(), head_width=None):
     """Build a backbone by name (see ``MODEL_NAMES``).
 
     Args:
@@ -379,6 +402,9 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
             are skipped and reported.
         projection_dim: > 0 adds the hybrid network's contrastive projection
             head of that width (``HybridNet``; 128 in seed 003).
+        heads: stage indices that get an MKSMT output head (``MultiLevelHeads``);
+            empty for none. head_width: the OPM width (default 512, PMG's; 64 for
+            the CIFAR ResNets and plain nets, not in the paper).
     """
     if name in CIFAR_RESNETS:
         if pretrained:
@@ -396,6 +422,10 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     if weights:
         load_partial_state_dict(model, weights)
+    if heads:
+        if head_width is None:
+            head_width = 64 if name in CIFAR_RESNETS or name in PLAIN_NETS else 512
+        model = MultiLevelHeads(model, heads, num_classes, head_width)
     if deep_sup:
         model = DeeplySupervised(model, deep_sup, num_classes, dropout=aux_dropout)
     if projection_dim:
@@ -512,6 +542,62 @@ class HybridNet(nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------------------
+# MKSMT (Yu et al. 2023; seed 002)
+# ----------------------------------------------------------------------------------
+class MultiLevelHeads(nn.Module):
+    """A backbone whose chosen stages each end in an ``OPM`` with its own K-way
+    output (MKSMT, Yu et al. 2023, Sec. 2.1). The deepest head replaces the
+    backbone's classifier (which is removed) and is the model's answer.
+
+    ``forward(x, upto=None)`` runs the backbone up to stage ``upto`` only (all
+    stages by default; MKSMT's step 1 stops at S3) and returns the usual dict with
+    ``logits`` / ``embedding`` of the deepest head computed, plus
+        "head_logits":   [(B, K), ...]  one per computed head, shallow to deep,
+        "head_features": [(B, f), ...]  the OPM features (feature distillation),
+        "head_stages":   [s, ...]       their stage indices.
+
+    Args:
+        backbone: a model with ``run_stages`` and ``stage_channels``.
+        head_stages: stage indices (0-based) that get an OPM, e.g. [2, 3] for
+            Swin's S3, S4.
+        width: the OPM's m = f (512 in PMG; less for tiny CIFAR nets).
+    """
+
+    def __init__(self, backbone, head_stages, num_classes, width=512):
+        super().__init__()
+        num_stages = len(backbone.stage_channels)
+        head_stages = list(head_stages)
+        if not head_stages or sorted(set(head_stages)) != head_stages or not (
+                0 <= head_stages[0] and head_stages[-1] < num_stages):
+            raise ValueError(f"--heads must be increasing stage indices in 0..{num_stages - 1}, got {head_stages}")
+        _drop_classifier(backbone)
+        self.backbone, self.head_stages = backbone, head_stages
+        self.heads = nn.ModuleList(OPM(backbone.stage_channels[s], num_classes, width, width) for s in head_stages)
+        self.stage_channels = backbone.stage_channels
+        self.stage_prefixes = [[f"backbone.{p}" for p in ps] for ps in backbone.stage_prefixes]
+
+    def forward(self, x, upto=None):
+        stages = self.backbone.run_stages(x, upto)
+        computed = [(s, head) for s, head in zip(self.head_stages, self.heads) if s < len(stages)]
+        outputs = [head(stages[s]) for s, head in computed]                 # [((B, K), (B, f))]
+        head_logits = [logits for logits, _ in outputs]
+        head_features = [feature for _, feature in outputs]
+        return {"logits": head_logits[-1], "embedding": head_features[-1], "stages": stages,
+                "head_logits": head_logits, "head_features": head_features,
+                "head_stages": [s for s, _ in computed]}
+
+
+def _drop_classifier(backbone):
+    """Replace a backbone's own final classifier with Identity (MKSMT's heads take over)."""
+    net = getattr(backbone, "net", backbone)
+    for name in ("fc", "head", "classifier"):
+        if isinstance(getattr(net, name, None), (nn.Linear, nn.Sequential)):
+            setattr(net, name, nn.Identity())
+            return
+    raise ValueError(f"cannot find the classifier of {type(backbone).__name__}")
+
+
 def parameter_stages(model):
     """{parameter name: stage index} for a backbone's parameters, in forward order.
     Parameters before the first stage (the stem) count to stage 0, those after the
@@ -531,12 +617,17 @@ def load_partial_state_dict(model, path):
     """Load the tensors of ``path`` whose names and shapes match ``model``.
 
     Accepts a bare state dict or a dict with a ``"model"`` entry, with or without
-    the ``net.`` prefix our torchvision wrappers add. Returns (loaded, skipped) names
-    and prints one summary line.
+    the ``net.`` prefix our torchvision wrappers add. Official Swin Transformer
+    releases (keys ``patch_embed.*`` / ``layers.*``) go through
+    ``load_swin_official``. Returns (loaded names, or their number for an official
+    Swin file; skipped names) and prints one summary line.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if any(k.startswith(("patch_embed.", "layers.")) for k in state):
+        report = load_swin_official(model, state)
+        return report["loaded"], report["unexpected"] + report["skipped_shape"]
     own = model.state_dict()
     prefix = "net." if any(k.startswith("net.") for k in own) else ""
     loaded, skipped = {}, []

@@ -71,6 +71,21 @@ RECIPES.update({
                         alpha_schedule="linear"),
 })
 HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
+# Seed 002 (MKSMT): Swin-L with ImageNet-22K weights (--weights, the official release, e.g.
+# swin_large_patch4_window7_224_22k.pth), OPM heads on S3 and S4, two-step training,
+# decision distillation with T = 1, lambda1 = lambda2 = 1.
+# not in the paper: the seed's Tables 2 and 3 (pre-processing and the other
+# hyper-parameters) are images that are not in the text, so image size 224 (the window-7
+# 22K release), batch 16, SGD lr 0.005 momentum 0.9, wd 5e-4, 50 epochs, x0.1 at 30 and 40
+# are our choices.
+_MKSMT = dict(model="swin_l", loss="mksmt", image_size=224, multistep=2, kd="decision", temperature=1.0,
+              lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50,
+              milestones=[30, 40])
+RECIPES.update({
+    "mksmt-cub": dict(_MKSMT, dataset="cub"),
+    "mksmt-nabirds": dict(_MKSMT, dataset="nabirds"),
+    "mksmt-dogs": dict(_MKSMT, dataset="dogs"),
+})
 
 
 # ----------------------------------------------------------------------------------
@@ -90,13 +105,14 @@ def build_model_from_args(args, num_classes, load_weights=True):
         shortcut=args.shortcut, pretrained=args.pretrained and load_weights,
         weights=args.weights if load_weights else None, plain_init=args.plain_init,
         deep_sup=args.deep_sup, aux_dropout=args.aux_dropout,
-        projection_dim=args.projection_dim if args.loss in HYBRID_LOSSES else 0)
+        projection_dim=args.projection_dim if args.loss in HYBRID_LOSSES else 0,
+        heads=args.heads if args.loss == "mksmt" else (), head_width=args.head_width)
 
 
 def build_criterion(args, num_classes, feat_dim):
     """CE (None), the joint objective of Eq. 8 with a (contrastive-)center loss, or
     the hybrid network's objective with an SC / PSC / MPSC contrastive term."""
-    if args.loss == "ce":
+    if args.loss in ("ce", "mksmt"):
         return None
     if args.loss == "hybrid-sc":
         return losses.HybridLoss(losses.SupConLoss(args.tau))
@@ -273,6 +289,75 @@ def prepare_batch(batch, device):
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+def update(optimizer, loss):
+    """One optimizer step on ``loss``; skipped (returns False) when it is NaN/inf.
+    Gradients are set to None first, so parameters that ``loss`` does not reach
+    have no gradient and SGD leaves them, their weight decay and their momentum
+    buffers untouched."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    optimizer.step()
+    return True
+
+
+def distillation(out, args):
+    """Sum of the KD terms from the deepest head (teacher, S4) to every shallower
+    computed head (students): decision KD (``losses.kd_loss``, Eq. 2/6) or
+    feature KD (``losses.feature_kd_loss``)."""
+    teacher_logits, teacher_feature = out["head_logits"][-1], out["head_features"][-1]
+    if args.kd == "feature":
+        return sum(losses.feature_kd_loss(f, teacher_feature, not args.kd_no_detach)
+                   for f in out["head_features"][:-1])
+    return sum(losses.kd_loss(z, teacher_logits, args.temperature, not args.kd_no_detach, not args.kd_no_t2)
+               for z in out["head_logits"][:-1])
+
+
+def mksmt_step(model, optimizer, images, labels, args):
+    """MKSMT's per-batch multi-step training (Yu et al. 2023, Algorithm 2).
+
+    With heads on stages h_1 < ... < h_n (default S3, S4):
+      --multistep 2 or 3 (n steps): for each shallower head h_i in turn, run the
+        network only up to h_i, take CE(h_i) and one optimizer step, which moves
+        S1..h_i and that head only (Eq. 3). Then run the whole network and step on
+            L_total = lambda1 * CE(h_n) + lambda2 * sum_i KD(h_n -> h_i)      (Eq. 5-7)
+      --multistep 1: one step on sum_i CE(h_i) + lambda1 * CE(h_n) + lambda2 * KD.
+      --kd none drops the KD term (the "multi-step without KD" ablation).
+      --kd-exec async (our reading of "asynchronous"): the last step is split in two
+        updates, lambda1 * CE(h_n), then a new forward pass and lambda2 * KD.
+    Returns (last step's loss, {name: detached term}, all steps finite).
+    """
+    heads, parts = model.head_stages, {}
+    if args.multistep > 1:
+        for stage in heads[:-1]:
+            out = model(images, upto=stage)
+            ce = F.cross_entropy(out["logits"], labels)                       # Eq. (3)
+            parts[f"ce_s{stage}"] = ce.detach()
+            if not update(optimizer, ce):
+                return ce, parts, False
+    out = model(images)
+    ce_last = F.cross_entropy(out["logits"], labels)
+    parts[f"ce_s{heads[-1]}"] = ce_last.detach()
+    kd = distillation(out, args) if args.kd != "none" else ce_last.new_zeros(())
+    parts["kd"] = kd.detach()
+    if args.multistep == 1:
+        shallow = sum(F.cross_entropy(z, labels) for z in out["head_logits"][:-1])
+        for stage, z in zip(heads[:-1], out["head_logits"][:-1]):
+            parts[f"ce_s{stage}"] = F.cross_entropy(z.detach(), labels)
+        loss = shallow + args.lambda1 * ce_last + args.lambda2 * kd
+    elif args.kd_exec == "async" and args.kd != "none":
+        if not update(optimizer, args.lambda1 * ce_last):
+            return ce_last, parts, False
+        out = model(images)
+        kd = distillation(out, args)
+        parts["kd"] = kd.detach()
+        loss = args.lambda2 * kd
+    else:
+        loss = args.lambda1 * ce_last + args.lambda2 * kd                     # Eq. (7)
+    return loss, parts, update(optimizer, loss)
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save):
     """Run ``loader`` (the rest of the epoch when resumed) until the epoch or
     ``state["total_iters"]`` ends. ``state`` carries the global iteration, the
@@ -284,14 +369,13 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
     window_start, window_images = time.time(), 0
     for batch in loader:
         images, labels = prepare_batch(batch, device)
-        out = model(images)
-        loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
-        optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            optimizer.step()
+        if args.loss == "mksmt":
+            loss, parts, finite = mksmt_step(model, optimizer, images, labels, args)
         else:
+            out = model(images)
+            loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
+            finite = update(optimizer, loss)
+        if not finite:
             bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
             where = f"non-finite loss ({', '.join(bad)}) at iteration {state['iteration']}"
             if state["skipped_nonfinite"] >= args.skip_nonfinite:
@@ -388,11 +472,14 @@ def shot_groups(train_counts, many_threshold=100, few_threshold=20):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, train_counts=None, many_threshold=100, few_threshold=20):
+def evaluate(model, loader, device, num_classes, train_counts=None, many_threshold=100, few_threshold=20,
+             flip=None):
     """Top-1 / top-5 (%) and per-class top-1 on ``loader``; top-5 becomes top-k
     with k = K when K < 5. With ``train_counts`` (training images per class) also
     many / medium / few-shot top-1: the mean per-class accuracy of each group
-    (NaN for an empty group). Returns a dict of floats and a per_class list."""
+    (NaN for an empty group). MKSMT models also give ``head_top1_stageS`` for
+    every head (the deepest one is ``top1``). ``flip`` "h" / "v" mirrors the test
+    images (MKSMT's robustness test). Returns a dict of floats and a per_class list."""
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -401,12 +488,18 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     k = min(5, num_classes)
     aux_stages = getattr(model, "aux_stages", [])
     aux_correct = [0] * len(aux_stages)
+    head_stages = getattr(model, "head_stages", [])
+    head_correct = [0] * len(head_stages)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if flip is not None:
+            images = torch.flip(images, dims=[3 if flip == "h" else 2])   # (B, 3, H, W)
         out = model(images)
         logits = out["logits"]
         for i, aux_logits in enumerate(out.get("aux_logits", [])):
             aux_correct[i] += (aux_logits.argmax(1) == labels).sum().item()
+        for i, head_logits in enumerate(out.get("head_logits", [])):
+            head_correct[i] += (head_logits.argmax(1) == labels).sum().item()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices                         # (B, k)
         hit1 = (topk[:, 0] == labels).cpu()
@@ -426,6 +519,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
             "loss": loss_sum / total, "n": total,
             "balanced_top1": float(torch.tensor(per_class)[present].mean()), **shots,
             **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
+            **{f"head_top1_stage{s}": 100.0 * c / total for s, c in zip(head_stages, head_correct)},
             "per_class": per_class}
 
 
@@ -541,16 +635,19 @@ def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
               "test_top1": result["top1"], "test_top5": result["top5"],
               "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
               **{f"test_{k}": v for k, v in result.items()
-                 if k.startswith("aux_top1") or k in ("many_top1", "medium_top1", "few_top1")},
+                 if k.startswith(("aux_top1", "head_top1")) or k in ("many_top1", "medium_top1", "few_top1")},
               "aux_weight": state["aux_weight"], "alpha": state["alpha"],
               "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
               "seconds": round(time.time() - state["start_time"], 1)}
     with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    shots = [(g, result[g + "_top1"]) for g in ("many", "medium", "few")
+             if result.get(g + "_top1", float("nan")) == result.get(g + "_top1")]  # non-empty groups
     print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
           f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
           f"balanced {result['balanced_top1']:.2f}"
-          + "".join(f" {g} {result[g + '_top1']:.2f}" for g in ("many", "medium", "few") if g + "_top1" in result),
+          + "".join(f" {g} {v:.2f}" for g, v in shots if len(shots) > 1)
+          + "".join(f" {k.replace('_top1_', ' ')} {v:.2f}" for k, v in result.items() if k.startswith("head_top1")),
           flush=True)
 
 
@@ -720,9 +817,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--probe-threshold", type=float, default=1e-7,
                    help="mean |grad| below which a layer counts as vanishing (paper: 1e-7)")
     # loss
-    p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES],
+    p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES, "mksmt"],
                    help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center "
-                        "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE")
+                        "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
+                        "mksmt = per-stage OPM heads, self-distillation, multi-step training")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="weight of the center term: default 1 for joint (Qi & Su, Eq. 8), "
                         "0.003 for center (Wen et al.'s face setting)")
@@ -749,6 +847,21 @@ def get_args_parser(add_help=True):
                    help="MPSC weights w_{i,m}: 1/M, or a softmax over the own class's prototypes")
     p.add_argument("--psc-include-positive", action="store_true",
                    help="include the positive class in the PSC denominator (the paper excludes it)")
+    # MKSMT (seed 002)
+    p.add_argument("--heads", type=stage_list, metavar="S[,S...]",
+                   help="--loss mksmt: stages with an OPM output head (default: the last two, S3,S4 on Swin)")
+    p.add_argument("--head-width", type=int, help="OPM width m = f (default 512; 64 for CIFAR ResNets)")
+    p.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3],
+                   help="optimizer steps per batch (Algorithm 2); 3 needs three --heads")
+    p.add_argument("--kd", default="decision", choices=["none", "decision", "feature"],
+                   help="self-distillation from the deepest head: softmax outputs, OPM features, or none")
+    p.add_argument("--kd-exec", default="sync", choices=["sync", "async"],
+                   help="sync: CE and KD in one backward; async: a CE update, then a separate KD update")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (paper: 1)")
+    p.add_argument("--lambda1", type=float, default=1.0, help="weight of CE(S4) in step 2")
+    p.add_argument("--lambda2", type=float, default=1.0, help="weight of KD in step 2")
+    p.add_argument("--kd-no-detach", action="store_true", help="let the KD gradient reach the teacher head")
+    p.add_argument("--kd-no-t2", action="store_true", help="do not multiply the KD term by T^2")
     # data
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data-path", help="dataset root or .npz file (cifar default: ./data)")
@@ -815,6 +928,19 @@ def parse_args(argv=None):
         args.num_prototypes = 4 if args.loss == "hybrid-mpsc" else 1
     if args.loss == "hybrid-psc" and args.num_prototypes != 1:
         parser.error("--loss hybrid-psc has one prototype per class; use --loss hybrid-mpsc for more")
+    if args.loss == "mksmt":
+        if args.heads is None:  # the last two stages (three for --multistep 3)
+            num_stages = 3 if args.model in models.CIFAR_RESNETS or args.model in models.PLAIN_NETS else 4
+            args.heads = list(range(num_stages - max(2, args.multistep), num_stages))
+        if args.multistep > 1 and len(args.heads) != args.multistep:
+            parser.error(f"--multistep {args.multistep} needs {args.multistep} --heads (one step per head), "
+                         f"got {args.heads}")
+        elif len(args.heads) < 2 and args.kd != "none":
+            parser.error("self-distillation needs at least two --heads (a teacher and a student)")
+        if args.deep_sup or args.probe_gradients:
+            parser.error("--loss mksmt does not combine with --deep-sup / --probe-gradients")
+    elif args.heads is not None:
+        parser.error("--heads belongs to --loss mksmt")
     if args.loss in HYBRID_LOSSES and args.probe_gradients:
         parser.error("--probe-gradients works with --loss ce / center / joint, not with a hybrid loss")
     if args.imbalance_ratio is not None and args.imbalance_ratio < 1:
