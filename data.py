@@ -195,23 +195,28 @@ class ResumableSampler(torch.utils.data.Sampler):
     ``start`` positions (a resumed run). Each element is ``(index, sample_seed)``
     with a seed unique to (seed, epoch, position): ``PerSampleSeed`` augments every
     sample from its own seed, so the images are the same whatever the number of
-    workers and wherever a run was resumed.
+    workers and wherever a run was resumed. With ``num_replicas`` processes, rank
+    r takes positions r, r + num_replicas, ... (the distributed version); the
+    union over ranks of batch k is then batch k of one process with the global
+    batch size.
     """
 
-    def __init__(self, num_samples, seed=0):
+    def __init__(self, num_samples, seed=0, num_replicas=1, rank=0):
         self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, 0, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return self.num_samples - self.start
+        return len(range(self.rank, self.num_samples, self.num_replicas)) - self.start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         base = (self.seed * 1_000_003 + self.epoch) * self.num_samples
-        for position in range(self.start, self.num_samples):
+        positions = range(self.rank, self.num_samples, self.num_replicas)  # this process's share
+        for position in positions[self.start:]:
             yield order[position], base + position
 
 
@@ -644,3 +649,312 @@ def _long_tailed(sets, imbalance_ratio, seed):
     if imbalance_ratio is None:
         return sets
     return long_tailed_subset(train, imbalance_ratio, seed), test, num_classes
+
+
+# ----------------------------------------------------------------------------------
+# Tensor-resident data path: batched augmentation on the training device
+# ----------------------------------------------------------------------------------
+# The training set lives as one uint8 (N, 3, H, W) tensor on the device; a batch is
+# indexed, augmented and normalised there in a few batched ops: no PIL, no worker
+# processes, no host-to-device image copies. Each function draws the same
+# distribution as the torchvision transform its docstring names.
+
+def crop_flip_params(batch_size, padding=4, generator=None, device="cpu"):
+    """Per-sample parameters of ``T.RandomCrop(H, padding)`` + ``T.RandomHorizontalFlip()``:
+    top and left offsets into the padded image, each uniform on {0, ..., 2 * padding}
+    (torchvision's ``randint(0, h + 2p - H + 1)``), drawn independently, and a flip
+    with probability 0.5 (``rand < 0.5``).
+    Returns offsets_y (B,) int64, offsets_x (B,) int64, flips (B,) bool."""
+    high = 2 * padding + 1
+    offsets_y = torch.randint(0, high, (batch_size,), generator=generator, device=device)
+    offsets_x = torch.randint(0, high, (batch_size,), generator=generator, device=device)
+    flips = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    return offsets_y, offsets_x, flips
+
+
+def crop_flip_with_params(images, offsets_y, offsets_x, flips, padding=4):
+    """Per sample b: ``F.pad(padding, fill=0)``, ``F.crop(top=offsets_y[b],
+    left=offsets_x[b], H, W)``, then ``F.hflip`` where ``flips[b]``; one gather for
+    the whole batch.
+    Shapes: images (B, C, H, W) any dtype; offsets_y, offsets_x (B,) int in
+    [0, 2 * padding]; flips (B,) bool -> (B, C, H, W), same dtype."""
+    B, C, H, W = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)                # (B, C, H + 2p, W + 2p), zeros
+    rows = offsets_y[:, None] + torch.arange(H, device=device)              # (B, H)
+    cols = torch.arange(W, device=device).expand(B, W)                      # (B, W)
+    cols = torch.where(flips[:, None], W - 1 - cols, cols) + offsets_x[:, None]  # a flip reads the crop right to left
+    batch = torch.arange(B, device=device)[:, None, None, None]             # (B, 1, 1, 1)
+    channel = torch.arange(C, device=device)[None, :, None, None]           # (1, C, 1, 1)
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+
+
+def batched_crop_flip(images, padding=4, generator=None):
+    """``T.RandomCrop(H, padding=padding)`` + ``T.RandomHorizontalFlip()`` on every
+    image of a batch, each with its own random crop and flip, drawn from
+    ``generator`` (a ``torch.Generator`` on the images' device; the global RNG when
+    None). Shapes: images (B, C, H, W) uint8 (or float) -> (B, C, H, W)."""
+    params = crop_flip_params(images.shape[0], padding, generator, images.device)
+    return crop_flip_with_params(images, *params, padding=padding)
+
+
+def batched_rgb_to_gray(images):
+    """Luma with torchvision's weights 0.2989 R + 0.587 G + 0.114 B (its
+    ``rgb_to_grayscale``; PIL's ``convert("L")`` uses 0.299).
+    Shapes: (B, 3, H, W) float -> (B, 1, H, W)."""
+    r, g, b = images.unbind(1)                                              # (B, H, W) each
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)                # (B, 1, H, W)
+
+
+def _blend(images, other, factors):
+    """factor * images + (1 - factor) * other, clamped to [0, 1] (torchvision's
+    ``_blend`` on float images). factors (B,) -> one factor per image."""
+    f = factors.to(images.dtype).view(-1, 1, 1, 1)                          # (B, 1, 1, 1)
+    return (f * images + (1 - f) * other).clamp(0, 1)
+
+
+def batched_brightness(images, factors):
+    """``F.adjust_brightness`` per image: blend with black. (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+    return _blend(images, 0.0, factors)
+
+
+def batched_contrast(images, factors):
+    """``F.adjust_contrast`` per image: blend with the image's mean luma.
+    (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+    mean = batched_rgb_to_gray(images).mean(dim=(1, 2, 3), keepdim=True)    # (B, 1, 1, 1)
+    return _blend(images, mean, factors)
+
+
+def batched_saturation(images, factors):
+    """``F.adjust_saturation`` per image: blend with its own grayscale.
+    (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+    return _blend(images, batched_rgb_to_gray(images), factors)
+
+
+def batched_rgb_to_hsv(images):
+    """RGB in [0, 1] -> HSV in [0, 1] (h in turns), per pixel; ties go to R, then G,
+    and gray pixels get h = s = 0, as torchvision's ``_rgb2hsv``.
+    Shapes: (B, 3, H, W) -> (B, 3, H, W)."""
+    r, g, b = images.unbind(1)                                              # (B, H, W) each
+    maxc, minc = images.amax(1), images.amin(1)                             # (B, H, W)
+    chroma = maxc - minc
+    s = chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))            # gray: any h works, 0 results
+    h = torch.where(maxc == r, (g - b) / c,
+                    torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))  # in sixths of a turn
+    return torch.stack((torch.remainder(h / 6, 1.0), s, maxc), dim=1)
+
+
+def batched_hsv_to_rgb(hsv):
+    """HSV in [0, 1] -> RGB in [0, 1]: channel_n = v - v s clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 h) mod 6 and n = 5, 3, 1 for R, G, B (the closed form of the
+    usual six-sector table). Shapes: (B, 3, H, W) -> (B, 3, H, W)."""
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]                         # (B, 1, H, W) each
+    n = (5 - 2 * torch.arange(3, device=hsv.device, dtype=hsv.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(n + 6 * h, 6)                                       # (B, 3, H, W)
+    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def batched_hue(images, shifts):
+    """``F.adjust_hue`` per image: rotate the hue by ``shifts[b]`` turns (in
+    [-0.5, 0.5]). (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+    h, s, v = batched_rgb_to_hsv(images).unbind(1)                          # (B, H, W) each
+    h = torch.remainder(h + shifts.to(h.dtype).view(-1, 1, 1), 1.0)
+    return batched_hsv_to_rgb(torch.stack((h, s, v), dim=1))
+
+
+COLOR_OPS = (batched_brightness, batched_contrast, batched_saturation, batched_hue)  # ColorJitter's fn_idx 0..3
+
+
+def color_jitter_params(batch_size, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                        generator=None, device="cpu"):
+    """Per-sample factors of ``T.ColorJitter(brightness, contrast, saturation, hue)``:
+    brightness, contrast, saturation uniform on [max(0, 1 - x), 1 + x], hue shift
+    uniform on [-hue, hue]; an op whose strength is 0 gets None (skipped, as in
+    torchvision). Returns a list of 4 (B,) tensors or None, in ``COLOR_OPS`` order."""
+    ranges = [(max(0.0, 1 - x), 1 + x) if x else None for x in (brightness, contrast, saturation)]
+    ranges.append((-hue, hue) if hue else None)
+    factors = []
+    for r in ranges:
+        u = torch.rand(batch_size, generator=generator, device=device)      # (B,), drawn even for a skipped op
+        factors.append(None if r is None else r[0] + (r[1] - r[0]) * u)
+    return factors
+
+
+def color_jitter_with_params(images, factors, order=(0, 1, 2, 3)):
+    """Apply ``COLOR_OPS[i]`` with ``factors[i]`` for i in ``order`` (None factors
+    skipped). Shapes: images (B, 3, H, W) float in [0, 1], factors 4 x (B,) -> (B, 3, H, W)."""
+    for i in order:
+        if factors[i] is not None:
+            images = COLOR_OPS[i](images, factors[i])
+    return images
+
+
+def batched_color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8,
+                         generator=None, order=None):
+    """``T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=p)``
+    on a batch: every image gets its own factors and its own coin (drawn from
+    ``generator``, on the images' device). ``order``: the op order, a permutation
+    of 0..3 (``COLOR_OPS`` indices) shared by the batch; drawn here with
+    ``torch.randperm(4)`` from the global CPU RNG when None.
+    Shapes: images (B, 3, H, W) float in [0, 1] -> (B, 3, H, W).
+    """
+    B, device = images.shape[0], images.device
+    factors = color_jitter_params(B, brightness, contrast, saturation, hue, generator, device)
+    apply = torch.rand(B, generator=generator, device=device) < p           # (B,) RandomApply's coin
+    # not in torchvision: one random op order per batch, not per image (per-image
+    # orders would cost all 4 ops at each of 4 steps). It is drawn on the host
+    # (TensorLoader draws it from the batch seed) so that no device sync is needed.
+    order = torch.randperm(4).tolist() if order is None else order
+    jittered = color_jitter_with_params(images, factors, order)
+    return torch.where(apply[:, None, None, None], jittered, images)
+
+
+def batched_grayscale(images, p=0.2, generator=None):
+    """``T.RandomGrayscale(p)`` on a batch: each image, with probability p, becomes
+    its luma on all 3 channels. Shapes: (B, 3, H, W) float -> (B, 3, H, W)."""
+    gray = torch.rand(images.shape[0], generator=generator, device=images.device) < p   # (B,)
+    return torch.where(gray[:, None, None, None], batched_rgb_to_gray(images).expand_as(images), images)
+
+
+def normalize_(images, mean, std):
+    """``T.Normalize(mean, std)`` on a batch already in [0, 1], in place. ``mean``,
+    ``std``: 3 floats, or (1, 3, 1, 1) tensors already on the device (no copy, so
+    no device sync). Shapes: (B, 3, H, W) float -> (B, 3, H, W)."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+def normalize_uint8(images, mean, std):
+    """``T.ToTensor()`` then ``T.Normalize(mean, std)`` on a batch (test-set
+    evaluation): (x / 255 - mean) / std. Shapes: (B, 3, H, W) uint8 -> (B, 3, H, W) float32."""
+    return normalize_(images.float().div_(255), mean, std)
+
+
+def _uint8_source(dataset):
+    """The (N, H, W, 3) uint8 array behind an ArrayDataset or torchvision CIFAR set, else None."""
+    if isinstance(dataset, ArrayDataset):
+        array = dataset.images
+    elif isinstance(dataset, torchvision.datasets.CIFAR10):  # CIFAR100 subclasses it
+        array = dataset.data
+    else:
+        return None
+    ok = isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 4 and array.shape[-1] == 3
+    return array if ok else None
+
+
+def can_use_tensor_loader(dataset):
+    """True for an ArrayDataset, a torchvision CIFAR10/100, or a (nested) Subset of
+    one, whose transform does not resize: TensorLoader crops at the stored size and
+    ignores the dataset's own transform."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return can_use_tensor_loader(dataset.dataset)
+    steps = getattr(dataset.transform, "transforms", [dataset.transform]) if hasattr(dataset, "transform") else []
+    if any(isinstance(t, T.Resize) for t in steps):
+        return False
+    return _uint8_source(dataset) is not None
+
+
+def dataset_uint8(dataset):
+    """All images and labels of an ArrayDataset / torchvision CIFAR set, or of a
+    (nested) Subset of one with its indices applied, as CPU tensors.
+    Returns images (N, 3, H, W) uint8, labels (N,) int64."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        images, labels = dataset_uint8(dataset.dataset)
+        index = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return images[index], labels[index]
+    array = _uint8_source(dataset)
+    if array is None:
+        raise TypeError(f"{type(dataset).__name__} holds no uint8 (N, H, W, 3) array; "
+                        f"the tensor loader takes an ArrayDataset, a CIFAR set or a Subset of one")
+    images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    return images, torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
+class TensorLoader:
+    """A DataLoader replacement for uint8 image sets that fit on the device.
+
+    The whole set is one (N, 3, H, W) uint8 tensor on ``device``. Each batch is
+    indexed there, augmented with ``batched_crop_flip`` (pad ``padding``, random
+    crop, flip p=0.5: ``cifar_transforms``'s training augmentation), scaled to
+    [0, 1] and normalised with ``mean`` / ``std``.
+
+    Order and resume: the batches follow ``sampler``, which yields ``(index,
+    sample_seed)`` pairs like ``ResumableSampler``; the trainer calls
+    ``sampler.set_epoch(epoch, start)`` as with the DataLoader. A batch's random
+    augmentation comes from generators seeded with its first sample_seed, so a run
+    resumed at a batch boundary sees the same images. A sampler of plain indices
+    also works: batch k of this loader's life then uses seed ``seed * 1_000_003 + k``
+    (not reproducible across a resume).
+
+    ``views=2, contrastive=True`` (SupContrast-style two views, SPEC: "one view
+    with colour jitter, one without"): view 1 = crop + flip + ``batched_color_jitter``
+    (0.4, 0.4, 0.4, 0.1, p=0.8) + ``batched_grayscale`` (p=0.2); view 2 = crop +
+    flip + grayscale (p=0.2). Without ``contrastive`` every view is crop + flip, plus
+    grayscale with probability ``grayscale`` (the hybrid network's CE branch: 0.2).
+
+    Yields (images, labels): images (B, 3, H, W) float32 when ``views == 1``, else
+    (B, views, 3, H, W); labels (B,) int64; both on ``device``. ``len()`` is the
+    number of batches left in the sampler's epoch.
+    """
+
+    def __init__(self, dataset, batch_size, device, mean, std, sampler, seed=0, drop_last=True,
+                 views=1, contrastive=False, padding=4, grayscale=0.0):
+        images, labels = dataset_uint8(dataset)
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)   # (N, 3, H, W) uint8, (N,)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)  # (1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.seed, self.views, self.contrastive, self.padding = seed, views, contrastive, padding
+        self.grayscale = grayscale
+        self.generator = torch.Generator(device=self.device)  # crops, flips, colour factors
+        self.host_generator = torch.Generator()               # the colour-op order, drawn without a device sync
+        self.batches_made = 0
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        items = []
+        for item in self.sampler:
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self.make_batch(items)
+                items = []
+        if items and not self.drop_last:
+            yield self.make_batch(items)
+
+    def make_batch(self, items):
+        """items: list of (index, sample_seed) pairs or plain indices -> (images, labels)."""
+        if isinstance(items[0], (tuple, list)):
+            indices, batch_seed = [i for i, _ in items], items[0][1]
+        else:
+            indices, batch_seed = list(items), self.seed * 1_000_003 + self.batches_made
+        self.batches_made += 1
+        self.generator.manual_seed(batch_seed)
+        self.host_generator.manual_seed(batch_seed)
+        index = torch.tensor(indices, dtype=torch.long)                     # (B,)
+        if self.device.type == "cuda":
+            index = index.pin_memory()  # a pinned, non-blocking copy does not wait for the GPU
+        index = index.to(self.device, non_blocking=True)
+        images, labels = self.images[index], self.labels[index]             # (B, 3, H, W) uint8, (B,)
+        views = [self.augment(images, view) for view in range(self.views)]
+        if self.views == 1:
+            return views[0], labels
+        return torch.stack(views, dim=1), labels                            # (B, V, 3, H, W)
+
+    def augment(self, images, view):
+        """One augmented view: (B, 3, H, W) uint8 -> (B, 3, H, W) float32, normalised."""
+        x = batched_crop_flip(images, self.padding, self.generator).float().div_(255)  # (B, 3, H, W) in [0, 1]
+        if self.contrastive:
+            if view == 0:
+                order = torch.randperm(4, generator=self.host_generator).tolist()
+                x = batched_color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=self.generator, order=order)
+            x = batched_grayscale(x, p=0.2, generator=self.generator)
+        elif self.grayscale:
+            x = batched_grayscale(x, p=self.grayscale, generator=self.generator)
+        return normalize_(x, self.mean, self.std)
+

@@ -14,6 +14,8 @@ main(args), train_one_epoch(), evaluate(). Writes to --output-dir:
 The reported result is the last evaluation, never the best one on the test set.
 """
 import argparse
+import builtins
+import contextlib
 import datetime
 import json
 import math
@@ -25,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -275,31 +278,49 @@ def load_state_checked(module, state, path, what):
 # ----------------------------------------------------------------------------------
 # Train / evaluate
 # ----------------------------------------------------------------------------------
-def prepare_batch(batch, device):
+def prepare_batch(batch, device, channels_last=False):
     """-> (images, labels) on ``device``. A hybrid batch ((views (B, 2, 3, H, W),
     labels (B,)), (images (B', 3, H, W), labels (B',))) becomes one input of
     2B + B' images, so both branches share one forward pass (not in the paper:
     one pass, hence shared BN batch statistics), and a pair of label tensors."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if isinstance(batch[0], (list, tuple)):
         (views, con_labels), (ce_images, ce_labels) = batch
         images = torch.cat([views.flatten(0, 1), ce_images])                 # (2B + B', 3, H, W)
-        return (images.to(device, non_blocking=True),
+        return (images.to(device, non_blocking=True, memory_format=memory_format),
                 (con_labels.to(device, non_blocking=True), ce_labels.to(device, non_blocking=True)))
     images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return (images.to(device, non_blocking=True, memory_format=memory_format),
+            labels.to(device, non_blocking=True))
 
 
-def update(optimizer, loss):
+def update(optimizer, loss, scaler=None):
     """One optimizer step on ``loss``; skipped (returns False) when it is NaN/inf.
     Gradients are set to None first, so parameters that ``loss`` does not reach
     have no gradient and SGD leaves them, their weight decay and their momentum
-    buffers untouched."""
+    buffers untouched. With ``--amp fp16`` a GradScaler scales the loss (and skips
+    the step itself when the scaled gradients overflow)."""
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         return False
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return True
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(args, device_type):
+    """torch.autocast for ``--amp bf16|fp16``; a no-op context for ``--amp none``."""
+    if getattr(args, "amp", "none") == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=AMP_DTYPES[args.amp])
 
 
 def distillation(out, args):
@@ -314,7 +335,7 @@ def distillation(out, args):
                for z in out["head_logits"][:-1])
 
 
-def mksmt_step(model, optimizer, images, labels, args):
+def mksmt_step(model, optimizer, images, labels, args, scaler=None):
     """MKSMT's per-batch multi-step training (Yu et al. 2023, Algorithm 2).
 
     With heads on stages h_1 < ... < h_n (default S3, S4):
@@ -328,37 +349,41 @@ def mksmt_step(model, optimizer, images, labels, args):
         updates, lambda1 * CE(h_n), then a new forward pass and lambda2 * KD.
     Returns (last step's loss, {name: detached term}, all steps finite).
     """
-    heads, parts = model.head_stages, {}
+    heads, parts, amp = args.heads, {}, lambda: autocast(args, images.device.type)
     if args.multistep > 1:
         for stage in heads[:-1]:
-            out = model(images, upto=stage)
-            ce = F.cross_entropy(out["logits"], labels)                       # Eq. (3)
+            with amp():
+                out = model(images, upto=stage)
+                ce = F.cross_entropy(out["logits"], labels)                   # Eq. (3)
             parts[f"ce_s{stage}"] = ce.detach()
-            if not update(optimizer, ce):
+            if not update(optimizer, ce, scaler):
                 return ce, parts, False
-    out = model(images)
-    ce_last = F.cross_entropy(out["logits"], labels)
+    with amp():
+        out = model(images)
+        ce_last = F.cross_entropy(out["logits"], labels)
+        kd = distillation(out, args) if args.kd != "none" else ce_last.new_zeros(())
     parts[f"ce_s{heads[-1]}"] = ce_last.detach()
-    kd = distillation(out, args) if args.kd != "none" else ce_last.new_zeros(())
     parts["kd"] = kd.detach()
     if args.multistep == 1:
-        shallow = sum(F.cross_entropy(z, labels) for z in out["head_logits"][:-1])
+        with amp():
+            shallow = sum(F.cross_entropy(z, labels) for z in out["head_logits"][:-1])
         for stage, z in zip(heads[:-1], out["head_logits"][:-1]):
-            parts[f"ce_s{stage}"] = F.cross_entropy(z.detach(), labels)
+            parts[f"ce_s{stage}"] = F.cross_entropy(z.detach().float(), labels)
         loss = shallow + args.lambda1 * ce_last + args.lambda2 * kd
     elif args.kd_exec == "async" and args.kd != "none":
-        if not update(optimizer, args.lambda1 * ce_last):
+        if not update(optimizer, args.lambda1 * ce_last, scaler):
             return ce_last, parts, False
-        out = model(images)
-        kd = distillation(out, args)
+        with amp():
+            kd = distillation(model(images), args)
         parts["kd"] = kd.detach()
         loss = args.lambda2 * kd
     else:
         loss = args.lambda1 * ce_last + args.lambda2 * kd                     # Eq. (7)
-    return loss, parts, update(optimizer, loss)
+    return loss, parts, update(optimizer, loss, scaler)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save):
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save,
+                    scaler=None):
     """Run ``loader`` (the rest of the epoch when resumed) until the epoch or
     ``state["total_iters"]`` ends. ``state`` carries the global iteration, the
     epoch's running loss sums and the stop flag; ``save()`` writes a mid-epoch
@@ -368,13 +393,14 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         criterion.train()
     window_start, window_images = time.time(), 0
     for batch in loader:
-        images, labels = prepare_batch(batch, device)
+        images, labels = prepare_batch(batch, device, args.channels_last)
         if args.loss == "mksmt":
-            loss, parts, finite = mksmt_step(model, optimizer, images, labels, args)
+            loss, parts, finite = mksmt_step(model, optimizer, images, labels, args, scaler)
         else:
-            out = model(images)
-            loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
-            finite = update(optimizer, loss)
+            with autocast(args, device.type):
+                out = model(images)
+                loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
+            finite = update(optimizer, loss, scaler)
         if not finite:
             bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
             where = f"non-finite loss ({', '.join(bad)}) at iteration {state['iteration']}"
@@ -473,13 +499,15 @@ def shot_groups(train_counts, many_threshold=100, few_threshold=20):
 
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes, train_counts=None, many_threshold=100, few_threshold=20,
-             flip=None):
+             flip=None, args=None):
     """Top-1 / top-5 (%) and per-class top-1 on ``loader``; top-5 becomes top-k
     with k = K when K < 5. With ``train_counts`` (training images per class) also
     many / medium / few-shot top-1: the mean per-class accuracy of each group
     (NaN for an empty group). MKSMT models also give ``head_top1_stageS`` for
     every head (the deepest one is ``top1``). ``flip`` "h" / "v" mirrors the test
-    images (MKSMT's robustness test). Returns a dict of floats and a per_class list."""
+    images (MKSMT's robustness test). ``args`` brings --amp / --channels-last. In a
+    distributed run each process evaluates its shard of the test set and the
+    counts are summed over processes. Returns a dict of floats and a per_class list."""
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -494,8 +522,11 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if flip is not None:
             images = torch.flip(images, dims=[3 if flip == "h" else 2])   # (B, 3, H, W)
-        out = model(images)
-        logits = out["logits"]
+        if getattr(args, "channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(args, device.type):
+            out = model(images)
+        logits = out["logits"].float()
         for i, aux_logits in enumerate(out.get("aux_logits", [])):
             aux_correct[i] += (aux_logits.argmax(1) == labels).sum().item()
         for i, head_logits in enumerate(out.get("head_logits", [])):
@@ -508,6 +539,16 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         total += labels.shape[0]
         class_total += torch.bincount(labels.cpu(), minlength=num_classes)
         class_correct += torch.bincount(labels.cpu()[hit1], minlength=num_classes)
+    if dist.is_available() and dist.is_initialized():  # sum every count over the processes' shards
+        counts = torch.tensor([correct1, correct5, total, loss_sum] + aux_correct + head_correct,
+                              dtype=torch.float64, device=device)
+        per_class_counts = torch.stack([class_correct, class_total]).to(device)
+        for tensor in (counts, per_class_counts):
+            dist.all_reduce(tensor)  # NCCL needs them on the GPU
+        correct1, correct5, total, loss_sum = counts[:4].tolist()
+        aux_correct = counts[4:4 + len(aux_correct)].tolist()
+        head_correct = counts[4 + len(aux_correct):].tolist()
+        class_correct, class_total = per_class_counts.cpu()
     per_class = (100.0 * class_correct / class_total.clamp_min(1)).tolist()
     present = class_total > 0
     shots = {}
@@ -523,22 +564,46 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
             "per_class": per_class}
 
 
-def make_train_loader(args, train_set, device):
+def use_tensor_loader(args, train_set):
+    """--loader auto picks the tensor-resident loader when the training set is a
+    uint8 array at its training size (cifar10/100, npz, their long-tailed subsets)."""
+    fits = data.can_use_tensor_loader(train_set)
+    if args.loader == "tensor" and not fits:
+        raise data.DataError(f"--loader tensor needs an in-memory uint8 dataset at its stored size (cifar10, "
+                             f"cifar100, npz without --image-size); --dataset {args.dataset} needs --loader torch")
+    return args.loader == "tensor" or (args.loader == "auto" and fits)
+
+
+def make_train_loader(args, train_set, device, rank=0, world_size=1):
     """Shuffled with ``data.ResumableSampler`` and augmented per sample from its own
-    seed (``data.PerSampleSeed``), so a resumed run sees the same batches.
+    seed (``data.PerSampleSeed``), so a resumed run sees the same batches. With
+    the tensor loader (``data.TensorLoader``) the whole uint8 set sits on
+    ``device`` and each batch is augmented there in a few batched ops, from a
+    seed of the batch. In a distributed run each process draws every
+    ``world_size``-th sample.
 
     Hybrid losses (seed 003) read two streams per iteration: the contrastive
     branch takes instance-sampled images, two views each; the CE branch takes a
     class-balanced batch (``data.ClassBalancedSampler``) of single views. Both
     streams have len(train_set) // batch_size batches per epoch."""
-    sampler = data.ResumableSampler(len(train_set), args.seed)
+    sampler = data.ResumableSampler(len(train_set), args.seed, world_size, rank)
+    normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
+    tensor = use_tensor_loader(args, train_set)
+    if tensor:
+        def tensor_loader(sampler, **augment):
+            return data.TensorLoader(train_set, args.batch_size, device, *data.NORMALIZATIONS[normalize],
+                                     sampler, args.seed, **augment)
     if args.loss not in HYBRID_LOSSES:
+        if tensor:
+            return tensor_loader(sampler), sampler
         return _loader(args, data.PerSampleSeed(train_set), sampler, device), sampler
+    balanced = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
+    if tensor:
+        streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
+        return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
     small = args.dataset in ("cifar10", "cifar100", "npz")
     size = args.image_size or (32 if small else 224)
-    ce_transform, two_views = data.hybrid_transforms(args.normalize or data.DEFAULT_NORMALIZE[args.dataset],
-                                                     size, small)
-    balanced = data.ClassBalancedSampler(train_set.targets, args.seed)
+    ce_transform, two_views = data.hybrid_transforms(normalize, size, small)
     streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
                _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
     return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
@@ -576,7 +641,9 @@ class ZippedSamplers:
             sampler.set_epoch(epoch, start)
 
 
-def make_test_loader(test_set, batch_size, workers, device):
+def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1):
+    if world_size > 1:  # each process evaluates every world_size-th image; evaluate() sums the counts
+        test_set = torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
     return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        generator=torch.Generator().manual_seed(0))
@@ -651,10 +718,69 @@ def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
           flush=True)
 
 
-def main(args):
-    seed_everything(args.seed, args.deterministic)
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: start the process group (NCCL on
+    GPUs, gloo on CPU) and silence print() on every process but rank 0 (as
+    torchvision's references do). Returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, resolve_device(args.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        builtins.print = lambda *a, **k: None
+    return rank, world_size, device
+
+
+def reduce_mean(stats, world_size, device):
+    """Average a {name: float} dict over the processes."""
+    if world_size == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist()))
+
+
+def prepare_model(args, model, device, world_size):
+    """channels-last, SyncBN and DDP for training; torch.compile for both the
+    training and the evaluation forward. Returns (train_model, eval_model); both
+    share ``model``'s parameters, which is what the checkpoint holds."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if world_size > 1:
+        # MKSMT's step 1 leaves the deeper stages unused
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.loss == "mksmt")
+    if args.compile != "none":
+        return torch.compile(train_model, mode=args.compile), torch.compile(model, mode=args.compile)
+    return train_model, model
+
+
+def main(args):
+    rank, world_size, device = setup_distributed(args)
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank=0, world_size=1, device=None):
+    """Everything main() does in one process; rank 0 writes the files."""
+    seed_everything(args.seed, args.deterministic)
+    device = device or resolve_device(args.device)
     args.output_dir = args.output_dir or default_output_dir(args)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     print("config: " + json.dumps(vars(args), sort_keys=True), flush=True)
 
     # Everything that can reject the input runs before anything is written.
@@ -663,9 +789,9 @@ def main(args):
     if args.skip_corrupt:
         print(f"--skip-corrupt: dropped {len(dropped)} unreadable images"
               + (f" (e.g. {dropped[0]})" if dropped else ""), flush=True)
-    if args.batch_size > len(train_set):
-        raise data.DataError(f"--batch-size {args.batch_size} is larger than the training set "
-                             f"({len(train_set)} images); pass a smaller --batch-size")
+    if args.batch_size * world_size > len(train_set):
+        raise data.DataError(f"--batch-size {args.batch_size} x {world_size} processes is larger than the "
+                             f"training set ({len(train_set)} images); pass a smaller --batch-size")
     try:
         model = build_model_from_args(args, num_classes).to(device)
     except (ValueError, OSError, RuntimeError) as e:  # bad option, missing --weights file, no network
@@ -678,9 +804,12 @@ def main(args):
     if criterion is not None:
         criterion.to(device)
     optimizer = build_optimizer(args, model, criterion)
-    train_loader, sampler = make_train_loader(args, train_set, device)
-    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device)
-    iters_per_epoch = len(train_set) // args.batch_size
+    train_model, eval_model = prepare_model(args, model, device, world_size)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    train_loader, sampler = make_train_loader(args, train_set, device, rank, world_size)
+    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device,
+                                   rank, world_size)
+    iters_per_epoch = len(train_set) // (args.batch_size * world_size)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
@@ -692,11 +821,15 @@ def main(args):
         print(f"--resume auto: no {ckpt_path} yet, starting fresh", flush=True)
         resume = None
     ckpt = restore(resume, args, model, criterion, optimizer, scheduler) if resume else None
-    prepare_output_dir(args)
+    if ckpt is not None and scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    if rank == 0:
+        prepare_output_dir(args)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
-          f"{iters_per_epoch} iterations per epoch, {total_iters} in all ({epochs} epochs) on {device}",
-          flush=True)
+          f"{iters_per_epoch} iterations per epoch, {total_iters} in all ({epochs} epochs) on {device}"
+          + (f" x {world_size} processes" if world_size > 1 else "")
+          + f"; loader {'tensor' if use_tensor_loader(args, train_set) else 'torch'}", flush=True)
 
     state = {"iteration": 0, "epoch_sums": {}, "epoch_count": 0, "skipped_nonfinite": 0,
              "seconds": 0.0, "stop_signal": None, "aux_weight": 0.0, "alpha": None}
@@ -706,9 +839,10 @@ def main(args):
         else:
             print(f"{resume} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
         state.update(ckpt.get("progress", {"iteration": ckpt["iteration"]}))
-        keep_metrics_up_to(metrics_path, state["iteration"])
+        if rank == 0:
+            keep_metrics_up_to(metrics_path, state["iteration"])
         print(f"resumed from {resume} at iteration {state['iteration']}", flush=True)
-    elif os.path.exists(metrics_path):
+    elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
     # start_time is shifted by the seconds already trained, so "seconds" keeps counting across resumes
     state.update(start_iteration=state["iteration"], total_iters=total_iters, process_start=time.time(),
@@ -719,17 +853,20 @@ def main(args):
     if args.probe_gradients:
         state["aux_weight"] = losses.deep_supervision_weight(args.aux_weight, 0, epochs, args.aux_decay,
                                                              args.aux_stop)
-        probe_gradients(model, criterion, optimizer, scheduler, train_loader, sampler, device, state, args)
+        probe_gradients(train_model, criterion, optimizer, scheduler, train_loader, sampler, device, state, args)
         return 0
 
     def save():
+        if rank != 0:
+            return
         state["seconds"] = time.time() - state["start_time"]
         progress = {k: state[k] for k in ("iteration", "epoch_sums", "epoch_count", "skipped_nonfinite", "seconds")}
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "criterion": criterion.state_dict() if criterion is not None else {},
                          "scheduler": scheduler.state_dict(), "epoch": state["iteration"] // iters_per_epoch,
                          "iteration": state["iteration"], "progress": progress, "rng": rng_states(),
-                         "num_classes": num_classes, "args": vars(args)}, ckpt_path)
+                         "num_classes": num_classes, "args": vars(args),
+                         **({"scaler": scaler.state_dict()} if scaler is not None else {})}, ckpt_path)
 
     def on_signal(signum, frame):
         if state["stop_signal"] is not None:  # a second Ctrl-C: stop now
@@ -750,13 +887,15 @@ def main(args):
             if args.loss in HYBRID_LOSSES:
                 state["alpha"] = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha)
             state["epoch_end"] = min((epoch + 1) * iters_per_epoch, total_iters)
-            train_stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader,
-                                          device, epoch, state, args, save)
+            train_stats = train_one_epoch(train_model, criterion, optimizer, scheduler, train_loader,
+                                          device, epoch, state, args, save, scaler)
+            train_stats = reduce_mean(train_stats, world_size, device)
             last = state["iteration"] >= total_iters
             if (epoch + 1) % args.eval_every == 0 or last:
-                result = evaluate(model, test_loader, device, num_classes, train_counts,
-                                  args.many_threshold, args.few_threshold)
-                log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
+                result = evaluate(eval_model, test_loader, device, num_classes, train_counts,
+                                  args.many_threshold, args.few_threshold, args=args)
+                if rank == 0:
+                    log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
             save()
             if state["stop_signal"] is not None:  # arrived in the epoch's last step or its evaluation
                 raise StopTraining(f"stopped by signal {state['stop_signal']} after epoch {epoch}; "
@@ -881,6 +1020,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--few-threshold", type=int, default=20,
                    help="few-shot classes have fewer than this many training images")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--loader", default="auto", choices=["auto", "tensor", "torch"],
+                   help="tensor: the uint8 training set lives on the device and batches are augmented "
+                        "there in batched ops; torch: DataLoader + PIL transforms; auto: tensor when it fits")
     # schedule
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--iters", type=int, default=0, help="total iterations; overrides --epochs")
@@ -898,6 +1040,12 @@ def get_args_parser(add_help=True):
     # run
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast mixed precision for training and evaluation (fp16 with GradScaler, CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode for the training and evaluation forward")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across processes")
     p.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
     p.add_argument("--print-freq", type=int, default=50, help="progress line every N iterations")

@@ -5,6 +5,8 @@
 # config: 1 epoch (78 batches of 128), SGD lr 0.1 constant, momentum 0.9, wd 1e-4.
 # Configs: plain CE with the backbone's own single head; two-step without KD;
 # two-step MKSMT with T = 1 and with T = 4; one-step; two-step with async KD.
+# Data: the tensor-resident loader (--loader auto picks it for npz). Flip robustness
+# (evaluate.py --flip h|v) for plain and two-step T = 1.
 # Usage (from the repository root): bash results/run_mksmt.sh "CONFIGS" [seeds...]
 set -u
 cd "$(dirname "$0")/.."
@@ -26,6 +28,7 @@ for seed in $seeds; do
       --epochs 1 --milestones --lr 0.1 --batch-size 128 --wd 1e-4 --workers 0 --eval-batch-size 500 \
       --print-freq 13 --seed $seed --output-dir $out > $out.log 2>&1
     echo "$out: $(tail -n 1 $out.log)"
+    [ "$config" = plain ] || [ "$config" = t1 ] || continue  # flip robustness: plain vs MKSMT only
     for flip in h v; do
       python evaluate.py --checkpoint $out/checkpoint.pth --flip $flip --json --workers 0 --batch-size 500 \
         > $out-flip$flip.json 2> $out-flip$flip.err

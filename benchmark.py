@@ -1,0 +1,406 @@
+"""Training-step throughput on the current device, and vectorised losses against
+their per-sample loops.
+
+    python benchmark.py                                   # resnet32, B=128, torch vs tensor loader
+    python benchmark.py --models resnet32,resnet56 --amp none,bf16 --channels-last off,on \\
+        --compile none,default
+    python benchmark.py --losses-only
+
+Training grid: every model x loader x amp x channels-last x compile cell trains
+(SGD, momentum 0.9, lr 0.1, wd 1e-4, cross-entropy on ``model(x)["logits"]``) for
+``--warmup`` steps, then ``--windows`` windows of ``--steps-per-window`` steps
+(defaults 5, then 5 x 5; on CPU 2, then 5 x 2); a window's rate is
+steps * B / seconds (CUDA events on GPU, ``perf_counter`` on CPU; data loading
+included), a cell's figure the median window. The baseline,
+measured in the same run for every model, is eager fp32 with the torchvision
+DataLoader path of train.py (``data.cifar_transforms`` on ``data.ArrayDataset``,
+PIL per sample); every ratio is against it. ``tensor`` is ``data.TensorLoader``.
+
+Losses: each entry of ``LOSS_BENCHMARKS`` times the loss module's forward pass
+against a per-sample Python loop written from the paper's equation, at
+``--loss-batch-size`` (512), and reports the speed-up.
+
+Writes ``<out>/benchmark-<device>.json`` (device: "cpu" or the GPU name, slugified).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import data
+import losses
+import models
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+LOADERS = ("torch", "tensor")
+BASELINE = {"loader": "torch", "amp": "none", "channels_last": "off", "compile": "none"}
+
+
+# ----------------------------------------------------------------------------------
+# Device and data
+# ----------------------------------------------------------------------------------
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device):
+    """ "cpu", or the GPU name in lower case with runs of other characters as "-"."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def load_train_arrays(path):
+    """x_train (N, H, W, 3) uint8 and y_train (N,) int64 from the npz, or 10 000
+    random images when the file is missing (noted on stdout)."""
+    if os.path.isfile(path):
+        arrays = np.load(path)
+        return arrays["x_train"], arrays["y_train"].astype(np.int64)
+    print(f"note: {path} not found; timing on 10000 random uint8 32x32 images instead")
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 10000)
+
+
+def make_loader(kind, x, y, batch_size, workers, device):
+    """(loader, sampler) for ``kind`` "torch" (as train.make_train_loader) or "tensor"."""
+    train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], data.cifar_transforms("cifar")[0])
+    sampler = data.ResumableSampler(len(train_set), seed=0)
+    if kind == "tensor":
+        loader = data.TensorLoader(train_set, batch_size, device, data.CIFAR_MEAN, data.CIFAR_STD, sampler, seed=0)
+        return loader, sampler
+    loader = torch.utils.data.DataLoader(
+        data.PerSampleSeed(train_set), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0))
+    return loader, sampler
+
+
+def endless(loader, sampler):
+    """Batches of epoch 0, 1, 2, ... without end."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------
+# Training-step timing
+# ----------------------------------------------------------------------------------
+def skip_reason(device, amp, compile_mode):
+    """Why a cell cannot run on ``device``, or None."""
+    if amp == "fp16" and device.type != "cuda":
+        return "fp16 needs CUDA (torch.amp.GradScaler)"
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16"
+    if compile_mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
+        return f"compile mode {compile_mode} targets CUDA (graphs / autotuning)"
+    return None
+
+
+def make_step(model, optimizer, device, amp, channels_last, compile_mode):
+    """One SGD step on a batch; returns the function step(images, labels)."""
+    dtype = AMP_DTYPES[amp]
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
+    mark_step = compile_mode == "reduce-overhead"
+
+    def step(images, labels):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)  # (B, 3, H, W)
+        labels = labels.to(device, non_blocking=True)
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images)["logits"], labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    return step
+
+
+def time_windows(step, batches, batch_size, device, warmup, windows, steps_per_window):
+    """img/s of each timed window, after ``warmup`` untimed steps."""
+    for _ in range(warmup):
+        step(*next(batches))
+    rates = []
+    for _ in range(windows):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps_per_window):
+                step(*next(batches))
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            start = time.perf_counter()
+            for _ in range(steps_per_window):
+                step(*next(batches))
+            seconds = time.perf_counter() - start
+        rates.append(steps_per_window * batch_size / seconds)
+    return rates
+
+
+def run_cell(args, cell, arrays, device):
+    """Build the model, optimizer and loader of one grid cell and time it."""
+    torch.manual_seed(0)
+    model = models.build_model(cell["model"], 10).to(device)
+    if cell["channels_last"] == "on":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if cell["compile"] != "none":
+        model = torch.compile(model, mode=cell["compile"])
+    model.train()
+    loader, sampler = make_loader(cell["loader"], *arrays, args.batch_size, args.workers, device)
+    step = make_step(model, optimizer, device, cell["amp"], cell["channels_last"], cell["compile"])
+    batches = endless(loader, sampler)
+    try:
+        return time_windows(step, batches, args.batch_size, device, args.warmup, args.windows,
+                            args.steps_per_window)
+    finally:
+        batches.close()  # shuts down DataLoader workers
+        if cell["compile"] != "none":
+            torch.compiler.reset()
+
+
+def grid_cells(args):
+    """Every requested cell, plus each model's baseline cell when not requested."""
+    cells = []
+    for name in args.models:
+        requested = [{"model": name, "loader": loader, "amp": amp, "channels_last": cl, "compile": mode}
+                     for loader in args.loaders for amp in args.amp
+                     for cl in args.channels_last for mode in args.compile]
+        baseline = {"model": name, **BASELINE}
+        cells += ([] if baseline in requested else [baseline]) + requested
+    for cell in cells:
+        cell["baseline"] = cell == {"model": cell["model"], **BASELINE}
+    return cells
+
+
+def run_grid(args, device):
+    arrays = load_train_arrays(args.data_path)
+    results = []
+    for cell in grid_cells(args):
+        label = " ".join(f"{k}={cell[k]}" for k in ("model", "loader", "amp", "channels_last", "compile"))
+        reason = skip_reason(device, cell["amp"], cell["compile"])
+        if reason is None:
+            try:
+                rates = run_cell(args, cell, arrays, device)
+            except Exception as e:  # e.g. torch.compile without a working compiler
+                reason = f"failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if reason is not None:
+            print(f"skip {label}: {reason}", flush=True)
+            results.append({**cell, "skipped": reason})
+            continue
+        results.append({**cell, "img_per_s": [round(r, 2) for r in rates], "median": statistics.median(rates)})
+        print(f"{label}: {statistics.median(rates):.1f} img/s (windows {', '.join(f'{r:.0f}' for r in rates)})",
+              flush=True)
+    for cell in results:
+        base = next((c for c in results if c["model"] == cell["model"] and c["baseline"]), None)
+        if "median" in cell and base is not None and "median" in base:
+            cell["ratio"] = round(cell["median"] / base["median"], 3)
+    return results
+
+
+def print_table(results):
+    print(f"\n{'model':<12} {'loader':<7} {'amp':<5} {'ch-last':<7} {'compile':<16} {'img/s':>9} {'ratio':>6}")
+    for c in results:
+        head = f"{c['model']:<12} {c['loader']:<7} {c['amp']:<5} {c['channels_last']:<7} {c['compile']:<16}"
+        if "skipped" in c:
+            print(f"{head} skipped: {c['skipped']}")
+        else:
+            ratio = f"{c['ratio']:.2f}" if "ratio" in c else "-"
+            print(f"{head} {c['median']:>9.1f} {ratio:>6}{'  (baseline)' if c['baseline'] else ''}")
+
+
+# ----------------------------------------------------------------------------------
+# Losses: vectorised module vs per-sample loop from the equation
+# ----------------------------------------------------------------------------------
+def _naive_loops():
+    """The per-sample loops written from the papers' equations live in test_all.py,
+    next to the tests that check the losses against them (imported late: test_all
+    imports this file)."""
+    import test_all
+    return test_all
+
+
+def center_inputs(loss, batch_size, device, seed=0):
+    """Features (B, d), labels (B,) and ``loss`` with N(0, 1) centers (K, d), on
+    ``device``; the same numbers as Python lists for the naive loop."""
+    K, d = loss.centers.shape
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch_size, d, generator=g), torch.randint(0, K, (batch_size,), generator=g)
+    loss.centers.data.copy_(torch.randn(K, d, generator=g))
+    return {"loss": loss.to(device), "x": x.to(device), "y": y.to(device),
+            "x_list": x.tolist(), "y_list": y.tolist(), "c_list": loss.centers.detach().cpu().tolist()}
+
+
+def contrastive_inputs(loss, batch_size, views, dim, device, num_classes=10, seed=0):
+    """Unit-norm features (B, V, d) and labels (B,) for SupCon / PSC, with the
+    flattened views (view-major per image) and prototypes as lists for the loop."""
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(batch_size, views, dim, generator=g), dim=2)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g)
+    inputs = {"loss": loss.to(device), "z": z.to(device), "y": y.to(device),
+              "z_list": z.reshape(-1, dim).tolist(), "y_list": y.repeat_interleave(views).tolist()}
+    if hasattr(loss, "prototypes"):
+        inputs["p_list"] = loss.prototypes.detach().cpu().tolist()
+    return inputs
+
+
+# (name, make_inputs(B, device) -> inputs, vectorised(inputs) -> scalar tensor, naive(inputs) -> float)
+LOSS_BENCHMARKS = [
+    ("ContrastiveCenterLoss K=10 d=64 delta=1",
+     lambda B, device: center_inputs(losses.ContrastiveCenterLoss(10, 64, delta=1.0), B, device),
+     lambda i: i["loss"](i["x"], i["y"]),
+     lambda i: _naive_loops().naive_contrastive_center(i["x_list"], i["y_list"], i["c_list"], 1.0)),
+    ("CenterLoss K=10 d=64",
+     lambda B, device: center_inputs(losses.CenterLoss(10, 64), B, device),
+     lambda i: i["loss"](i["x"], i["y"]),
+     lambda i: _naive_loops().naive_center(i["x_list"], i["y_list"], i["c_list"])),
+    # d = 16, not the paper's 128, only to keep the O((2B)^2 d) Python loop near ten seconds
+    ("SupConLoss V=2 d=16 tau=0.1",
+     lambda B, device: contrastive_inputs(losses.SupConLoss(0.1), B, 2, 16, device),
+     lambda i: i["loss"](i["z"], i["y"]),
+     lambda i: _naive_loops().naive_supcon(i["z_list"], i["y_list"], 0.1)),
+    ("PSCLoss K=10 M=1 d=128 tau=1",
+     lambda B, device: contrastive_inputs(losses.PSCLoss(10, 128, 1.0), B, 2, 128, device),
+     lambda i: i["loss"](i["z"], i["y"]),
+     lambda i: _naive_loops().naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 1, 1.0)),
+    ("PSCLoss (MPSC) K=10 M=4 d=128 tau=0.1",
+     lambda B, device: contrastive_inputs(losses.PSCLoss(10, 128, 0.1, 4), B, 2, 128, device),
+     lambda i: i["loss"](i["z"], i["y"]),
+     lambda i: _naive_loops().naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 4, 0.1)),
+]
+
+
+def _timed(fn, inputs, device):
+    """(seconds, result) of one call, the device synchronised around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn(inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def run_loss_benchmarks(batch_size=512, device=torch.device("cpu"), repeats=10):
+    """Forward-pass time of every ``LOSS_BENCHMARKS`` entry, vectorised (median of
+    ``repeats`` after one warm-up call) and naive (one call when it takes over a
+    second, else up to 3); with the relative difference of their values."""
+    rows = []
+    for name, make_inputs, vectorised, naive in LOSS_BENCHMARKS:
+        inputs = make_inputs(batch_size, device)
+        value = vectorised(inputs).item()  # warm-up
+        fast = [_timed(vectorised, inputs, device)[0] for _ in range(repeats)]
+        slow_time, want = _timed(naive, inputs, device)
+        slow = [slow_time] + [_timed(naive, inputs, device)[0] for _ in range(2 if slow_time < 1 else 0)]
+        row = {"name": name, "batch_size": batch_size, "vectorised_s": fast, "naive_s": slow,
+               "speedup": statistics.median(slow) / statistics.median(fast),
+               "rel_diff": abs(value - want) / max(abs(want), 1e-12)}
+        print(f"{name}: vectorised {statistics.median(fast) * 1e3:.3f} ms, naive loop "
+              f"{statistics.median(slow) * 1e3:.1f} ms -> {row['speedup']:.0f}x "
+              f"(B={batch_size}, values differ by {row['rel_diff']:.1e} relative)", flush=True)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------
+def main(args):
+    device = pick_device(args.device)
+    # Fewer steps by default on CPU, where a resnet32 step at B=128 takes seconds:
+    # the default run stays near 2 minutes on 2 cores.
+    on_cpu = device.type == "cpu"
+    args.warmup = (2 if on_cpu else 5) if args.warmup is None else args.warmup
+    args.steps_per_window = (2 if on_cpu else 5) if args.steps_per_window is None else args.steps_per_window
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"device {device} ({gpu or cpu_name()}), torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads", flush=True)
+    report = {"device": device_slug(device), "gpu": gpu, "cpu": cpu_name(), "torch": torch.__version__,
+              "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+              "grid": {"models": args.models, "batch_size": args.batch_size, "loaders": args.loaders,
+                       "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                       "warmup": args.warmup, "windows": args.windows,
+                       "steps_per_window": args.steps_per_window, "workers": args.workers,
+                       "data_path": args.data_path},
+              "cells": [], "losses": []}
+    if not args.losses_only:
+        report["cells"] = run_grid(args, device)
+        print_table(report["cells"])
+    if not args.no_losses:
+        print()
+        report["losses"] = run_loss_benchmarks(args.loss_batch_size, device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"benchmark-{report['device']}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+def _choices(allowed):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if allowed is not None and t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Training-step and loss throughput", add_help=add_help)
+    parser.add_argument("--models", default="resnet32", type=_choices(models.MODEL_NAMES),
+                        help="comma list of models.MODEL_NAMES")
+    parser.add_argument("--batch-size", default=128, type=int)
+    parser.add_argument("--loaders", default="torch,tensor", type=_choices(LOADERS))
+    parser.add_argument("--amp", default="none", type=_choices(tuple(AMP_DTYPES)), help="none, bf16, fp16")
+    parser.add_argument("--channels-last", default="off", type=_choices(("off", "on")))
+    parser.add_argument("--compile", default="none", type=_choices(COMPILE_MODES))
+    parser.add_argument("--warmup", default=None, type=int, help="untimed steps per cell (5; 2 on CPU)")
+    parser.add_argument("--windows", default=5, type=int, help="timed windows per cell (median reported)")
+    parser.add_argument("--steps-per-window", default=None, type=int, help="(5; 2 on CPU)")
+    parser.add_argument("--data-path", default="../shared/data/cifar10_subset.npz",
+                        help="npz with x_train (N, H, W, 3) uint8, y_train; random data if missing")
+    parser.add_argument("--workers", default=2, type=int, help="DataLoader workers of the torch loader")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", default="results/", help="folder for benchmark-<device>.json")
+    parser.add_argument("--loss-batch-size", default=512, type=int)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--losses-only", action="store_true", help="skip the training grid")
+    group.add_argument("--no-losses", action="store_true", help="skip the loss timings")
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
