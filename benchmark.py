@@ -38,6 +38,7 @@ import torchvision
 import data
 import losses
 import models
+import train
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -134,14 +135,7 @@ def make_step(model, optimizer, device, amp, channels_last, compile_mode):
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(images)["logits"], labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        train.update(optimizer, loss, scaler)  # train.py's own step
 
     return step
 

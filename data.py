@@ -385,19 +385,20 @@ def load_npz(path, transforms):
             ArrayDataset(x_test, y_test, classes, transforms[1]), num_classes)
 
 
-def load_imagefolder(root, transforms):
+def load_imagefolder(root, transforms, name="imagefolder", test_split="val"):
+    """torchvision ImageFolder trees <root>/train/<class>/ and <root>/<test_split>/<class>/."""
     sets = []
-    for split, transform in zip(("train", "val"), transforms):
+    for split, transform in zip(("train", test_split), transforms):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
-            raise DataError(f"{folder} not found: --dataset imagefolder needs --data-path DIR "
-                            f"with DIR/train/<class>/ and DIR/val/<class>/")
+            raise DataError(f"{folder} not found: --dataset {name} needs --data-path DIR "
+                            f"with DIR/train/<class>/ and DIR/{test_split}/<class>/")
         try:
             sets.append(torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image))
         except FileNotFoundError as e:  # no class folders / no images
-            raise DataError(f"{folder}: {e}; --dataset imagefolder needs DIR/{split}/<class>/*.jpg") from None
+            raise DataError(f"{folder}: {e}; --dataset {name} needs DIR/{split}/<class>/*.jpg") from None
     if sets[0].classes != sets[1].classes:
-        raise DataError(f"{root}: train/ and val/ have different class folders")
+        raise DataError(f"{root}: train/ and {test_split}/ have different class folders")
     return sets[0], sets[1], len(sets[0].classes)
 
 
@@ -565,20 +566,9 @@ def load_dogs(root, transforms):
     """Stanford Dogs (Khosla et al. 2011) as an ImageFolder tree: <root>/train/<class>/
     and <root>/test/<class>/ (or val/). not in the paper: the release's
     train_list.mat / test_list.mat split must be laid out as folders first."""
-    test_split = "test" if os.path.isdir(os.path.join(root, "test")) else "val"
-    sets = []
-    for split, transform in zip(("train", test_split), transforms):
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise DataError(f"{folder} not found: --dataset dogs needs --data-path DIR with "
-                            f"DIR/train/<class>/ and DIR/test/<class>/ (the official split as folders)")
-        try:
-            sets.append(torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image))
-        except FileNotFoundError as e:  # no class folders / no images
-            raise DataError(f"{folder}: {e}; --dataset dogs needs DIR/{split}/<class>/*.jpg") from None
-    if sets[0].classes != sets[1].classes:
-        raise DataError(f"{root}: train/ and {test_split}/ have different class folders")
-    return sets[0], sets[1], len(sets[0].classes)
+    test_split = "val" if os.path.isdir(os.path.join(root, "val")) and not os.path.isdir(
+        os.path.join(root, "test")) else "test"
+    return load_imagefolder(root, transforms, "dogs", test_split)
 
 
 def _skip_unreadable(dataset):

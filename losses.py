@@ -5,9 +5,25 @@ Equation numbers refer to the papers named in each docstring; ``SPEC.md`` has
 the English digest. Every loss is tested in ``test_all.py`` against a per-sample
 Python loop written from the equation.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def full_precision(forward):
+    """Run a loss's forward outside autocast, on inputs in at least float32: under
+    --amp its matmuls and exponentials would otherwise run in fp16 / bf16, which is
+    too coarse for distance ratios and logits divided by a small temperature."""
+    @functools.wraps(forward)
+    def wrapped(self, *inputs):
+        device_type = next((x.device.type for x in inputs if torch.is_tensor(x)), "cpu")
+        inputs = [x.to(torch.promote_types(x.dtype, torch.float32))
+                  if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
+        with torch.autocast(device_type, enabled=False):
+            return forward(self, *inputs)
+    return wrapped
 
 
 def squared_distances(features, centers):
@@ -67,6 +83,7 @@ class ContrastiveCenterLoss(nn.Module):
         # not in the paper: centers start from N(0, 1) (the paper does not say).
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
+    @full_precision
     def forward(self, features, labels):
         features, centers = _common_dtype(features, self.centers)
         dist = squared_distances(features, centers)                          # (B, K)
@@ -131,6 +148,7 @@ class CenterLoss(nn.Module):
         # not in the paper: centers start from N(0, 1).
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
+    @full_precision
     def forward(self, features, labels):
         features, centers = _common_dtype(features, self.centers)
         if self.update == "wen":
@@ -229,6 +247,7 @@ class SupConLoss(nn.Module):
         super().__init__()
         self.temperature, self.base_temperature = temperature, base_temperature
 
+    @full_precision
     def forward(self, features, labels):
         B, V, d = features.shape
         z = features.reshape(B * V, d)                                   # (N, d), view-major per image
@@ -297,6 +316,7 @@ class PSCLoss(nn.Module):
         self.prototype_weights = prototype_weights
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes * num_prototypes, feat_dim), dim=1))
 
+    @full_precision
     def forward(self, features, labels):
         if features.dim() == 3:
             B, V, d = features.shape

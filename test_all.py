@@ -4,6 +4,7 @@
 Loss tests compare against per-sample Python loops written from the paper's
 equation (floats and ``math``, not tensors), in float64.
 """
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -758,9 +759,20 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
             (npz_run + ["--data-path", good, "--model", "resnet32", "--resume",
                         os.path.join(old, "checkpoint.pth")], "does not fit this resnet32"),
         ]
-        for argv, fragment in cases:
-            out = os.path.join(d, "out")
-            r = _run("train.py", *argv, "--output-dir", out) if "--output-dir" not in argv else _run("train.py", *argv)
+        cases += [(npz_run + ["--data-path", good, "--amp", "fp16", "--device", "cpu"], "needs a CUDA device"),
+                  (["--dataset", "imagefolder", "--data-path", folder, "--image-size", "32", "--loader", "tensor",
+                    "--batch-size", "2"],
+                   "--loader torch")]
+
+        def run_case(k):  # each case in its own output folder, two at a time (CI has 2 cores)
+            argv = cases[k][0]
+            out = os.path.join(d, f"out{k}")
+            return out, (_run("train.py", *argv, "--output-dir", out) if "--output-dir" not in argv
+                         else _run("train.py", *argv))
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(run_case, range(len(cases))))
+        for (argv, fragment), (out, r) in zip(cases, results):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
             assert fragment in lines[0], (fragment, lines[0])
@@ -1473,6 +1485,20 @@ def test_recipes_and_flag_combinations():
                            (["--imbalance-ratio", "0.5"], ">= 1")):
         message = _parse_error(argv)
         assert fragment in message and message.count("\n") == 1, message
+
+
+def test_losses_ignore_autocast_and_compute_in_float32():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(16, 2, 32), dim=2)
+    y = torch.randint(0, 4, (16,))
+    for loss, inputs in ((losses.SupConLoss(0.1), (z, y)), (losses.PSCLoss(4, 32, 0.1, 2), (z, y)),
+                         (losses.ContrastiveCenterLoss(4, 32), (z[:, 0] * 3, y))):
+        want = loss(*inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss(*(x.bfloat16() if x.is_floating_point() else x for x in inputs))
+        exact = loss(*(x.bfloat16().float() if x.is_floating_point() else x for x in inputs))
+        assert got.dtype == torch.float32 and abs(got.item() - exact.item()) < 1e-5, (type(loss).__name__, got, exact)
+        assert abs(got.item() - want.item()) < 0.05
 
 
 # ----------------------------------------------------------------------------------

@@ -393,6 +393,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         criterion.train()
     window_start, window_images = time.time(), 0
     for batch in loader:
+        if args.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be reused
         images, labels = prepare_batch(batch, device, args.channels_last)
         if args.loss == "mksmt":
             loss, parts, finite = mksmt_step(model, optimizer, images, labels, args, scaler)
@@ -790,8 +792,9 @@ def train(args, rank=0, world_size=1, device=None):
         print(f"--skip-corrupt: dropped {len(dropped)} unreadable images"
               + (f" (e.g. {dropped[0]})" if dropped else ""), flush=True)
     if args.batch_size * world_size > len(train_set):
-        raise data.DataError(f"--batch-size {args.batch_size} x {world_size} processes is larger than the "
-                             f"training set ({len(train_set)} images); pass a smaller --batch-size")
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        raise data.DataError(f"--batch-size {args.batch_size}{per} is larger than the training set "
+                             f"({len(train_set)} images); pass a smaller --batch-size")
     try:
         model = build_model_from_args(args, num_classes).to(device)
     except (ValueError, OSError, RuntimeError) as e:  # bad option, missing --weights file, no network
