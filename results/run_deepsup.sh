@@ -5,6 +5,8 @@
 # batch 128. plain56 uses Kaiming init here so that it can learn at all in 2 epochs.
 # Usage (from the repository root): bash results/run_deepsup.sh plain56|resnet56 [seeds...]
 # The two models were run side by side, one torch thread each (OMP_NUM_THREADS=1).
+# --loader torch: these runs predate the tensor loader (now the default for npz); the flag
+# keeps the DataLoader + PIL path they used, so the commands reproduce them.
 set -u
 cd "$(dirname "$0")/.."
 model=$1; shift
@@ -16,7 +18,7 @@ for seed in $seeds; do
     flag=""; [ "$ds" != none ] && flag="--deep-sup $ds"
     python train.py --dataset npz --data-path ../shared/data/cifar10_subset.npz --model $model \
       --plain-init kaiming $flag --epochs 2 --milestones --lr 0.01 --batch-size 128 \
-      --workers 0 --eval-every 2 --print-freq 20 --seed $seed --output-dir $out > $out.log 2>&1
+      --workers 0 --loader torch --eval-every 2 --print-freq 20 --seed $seed --output-dir $out > $out.log 2>&1
     echo "$out: $(tail -n 1 $out.log)"
   done
 done

@@ -9,6 +9,8 @@
 # Usage (from the repository root): bash results/run_hybrid.sh QUEUE [seeds...]
 #   QUEUE a = beta 100 (all three methods) + beta 10 CE; QUEUE b = beta 10 hybrids.
 # The two queues ran side by side, one torch thread each (OMP_NUM_THREADS=1).
+# --loader torch: these runs predate the tensor loader (now the default for npz); the flag
+# keeps the DataLoader + PIL path they used, so the commands reproduce them.
 set -u
 cd "$(dirname "$0")/.."
 queue=$1; shift
@@ -24,7 +26,7 @@ run() {  # beta method seed
   local out=results/hybrid-cifar10subsetlt$beta-resnet32-$method-seed$seed
   python train.py --dataset npz --data-path ../shared/data/cifar10_subset.npz --imbalance-ratio $beta \
     --model resnet32 $extra --epochs 6 --milestones --lr 0.125 --batch-size 128 --wd 1e-4 \
-    --workers 0 --eval-every 6 --eval-batch-size 500 --print-freq 10 --seed $seed --output-dir $out > $out.log 2>&1
+    --workers 0 --loader torch --eval-every 6 --eval-batch-size 500 --print-freq 10 --seed $seed --output-dir $out > $out.log 2>&1
   echo "$out: $(tail -n 1 $out.log)"
 }
 for seed in $seeds; do
