@@ -1879,6 +1879,55 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch():
         assert len(rows) == 1 and rows[0]["test_top1"] == json.loads(open(os.path.join(d, "one", "metrics.jsonl")).readline())["test_top1"]
 
 
+_DDP_STEP_ONE = """
+import os, sys, torch, torch.distributed as dist, torch.nn.functional as F
+import models, train
+def run(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    args = train.parse_args(["--loss", "mksmt", "--model", "resnet20", "--head-width", "8", "--wd", "0.1"])
+    model = models.build_model("resnet20", 4, heads=[1, 2], head_width=8)
+    optimizer = train.build_optimizer(args, model, None)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    train.mksmt_step(ddp, optimizer, x, y, args)
+    deep = {n: p.detach().clone() for n, p in model.named_parameters()
+            if n.startswith(("backbone.groups.2.", "heads.1."))}
+    train.update(optimizer, F.cross_entropy(ddp(x, upto=1)["logits"], y))
+    assert all(torch.equal(p, deep[n]) for n, p in model.named_parameters() if n in deep)
+    print("rank", rank, "ok", flush=True)
+    dist.destroy_process_group()
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(int(sys.argv[1]),), nprocs=2)
+"""
+
+
+def test_step_one_leaves_the_last_stage_untouched_under_ddp_too():
+    """With DistributedDataParallel(find_unused_parameters=True) the unused deeper
+    stage keeps grad None in step (a), so SGD still skips it."""
+    with tmpdir() as d:
+        script = os.path.join(d, "ddp_step_one.py")
+        with open(script, "w") as f:
+            f.write(_DDP_STEP_ONE)
+        r = subprocess.run([sys.executable, script, str(29700 + os.getpid() % 200)], cwd=HERE, capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE), timeout=240)
+        assert r.returncode == 0 and r.stdout.count(" ok") == 2, r.stderr[-2000:]
+
+
+def test_amp_bf16_and_channels_last_train_and_evaluate():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
+        out = os.path.join(d, "r")
+        assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                            "--batch-size", "8", "--workers", "0", "--iters", "2", "--amp", "bf16",
+                                            "--channels-last", "--output-dir", out])) == 0
+        row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+        assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+        state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
+        assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # autocast leaves weights fp32
+
+
 # ----------------------------------------------------------------------------------
 def _main():
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
