@@ -11,6 +11,11 @@ interface:
                                  that the center / contrastive-center losses act on),
      "stages":    [(B, C, H, W), ...]  per-stage feature maps, shallow to deep}
 
+Wrappers add keys: ``DeeplySupervised`` "aux_logits" (deep supervision, seed 004),
+``MultiLevelHeads`` "head_logits" / "head_features" / "head_stages" (MKSMT's OPM heads,
+seed 002; the deepest head gives "logits"), ``HybridNet`` "projection" (the hybrid
+network's 128-d unit-norm z, seed 003). Every backbone also has ``run_stages(x, upto)``.
+
 ``build_model(name, num_classes, **options)`` is the only entry point a script needs.
 
 CIFAR ResNets (He et al. 2016, Sec. 4.2; 3 groups of n units, 16/32/64 channels,

@@ -1,8 +1,12 @@
-"""Train a classifier with softmax CE, center loss or the joint CE + contrastive-center
-objective (Qi & Su 2017, Eq. 8), on any backbone of models.py and dataset of data.py.
+"""Train a classifier on any backbone of models.py and dataset of data.py with softmax
+CE, center loss, the joint CE + contrastive-center objective (Qi & Su 2017, Eq. 8),
+the hybrid SC / PSC / MPSC + class-balanced CE objective (Wang et al. 2021), or MKSMT's
+multi-step self-distillation (Yu et al. 2023); deep supervision with --deep-sup.
 
     python train.py --loss joint --model resnet34 --dataset lfw --data-path ../shared/data/lfw_top20
-    python train.py --recipe seed001-cifar10 --download
+    python train.py --recipe seed001-cifar10 --download --amp bf16 --channels-last
+    python train.py --recipe hybrid-sc-cifar10lt --download
+    torchrun --nproc_per_node 2 train.py --recipe seed001-cifar10 --batch-size 64
 
 Shaped after torchvision's references/classification/train.py: get_args_parser(),
 main(args), train_one_epoch(), evaluate(). Writes to --output-dir:
