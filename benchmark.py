@@ -40,7 +40,7 @@ import losses
 import models
 import train
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = ("none", *train.AMP_DTYPES)  # train.py's --amp choices
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LOADERS = ("torch", "tensor")
 BASELINE = {"loader": "torch", "amp": "none", "channels_last": "off", "compile": "none"}
@@ -123,7 +123,7 @@ def skip_reason(device, amp, compile_mode):
 
 def make_step(model, optimizer, device, amp, channels_last, compile_mode):
     """One SGD step on a batch; returns the function step(images, labels)."""
-    dtype = AMP_DTYPES[amp]
+    dtype = train.AMP_DTYPES.get(amp)  # None: no autocast
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
     mark_step = compile_mode == "reduce-overhead"
@@ -378,7 +378,7 @@ def get_args_parser(add_help=True):
                         help="comma list of models.MODEL_NAMES")
     parser.add_argument("--batch-size", default=128, type=int)
     parser.add_argument("--loaders", default="torch,tensor", type=_choices(LOADERS))
-    parser.add_argument("--amp", default="none", type=_choices(tuple(AMP_DTYPES)), help="none, bf16, fp16")
+    parser.add_argument("--amp", default="none", type=_choices(AMP_MODES), help="none, bf16, fp16")
     parser.add_argument("--channels-last", default="off", type=_choices(("off", "on")))
     parser.add_argument("--compile", default="none", type=_choices(COMPILE_MODES))
     parser.add_argument("--warmup", default=None, type=int, help="untimed steps per cell (5; 2 on CPU)")
