@@ -417,6 +417,25 @@ def stratified_split(labels, train_fraction, seed):
     return sorted(train), sorted(test)
 
 
+def validation_split(train_set, fraction, seed, transform):
+    """Hold out a stratified ``fraction`` of ``train_set`` for model selection.
+
+    Per class, a seeded random ``fraction`` of its images (rounded, at least one when
+    the class has two or more) goes to validation; the rest stays for training.
+    A long-tailed set is split *after* the long-tailed cut, so validation has the
+    training set's own class frequencies and no image outside the long-tailed
+    subset is used. The validation part gets ``transform`` (the test set's: no
+    augmentation). Returns (train, val), two ``LabeledSubset``s of ``train_set``.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-split must be between 0 and 1 (a fraction of the training set), got {fraction}")
+    keep, held_out = stratified_split(train_set.targets, 1.0 - fraction, seed)
+    if not held_out:
+        raise DataError(f"--val-split {fraction} leaves no validation image: every class has a single "
+                        f"training image; pass a larger --val-split or use more data")
+    return LabeledSubset(train_set, keep), with_transform(LabeledSubset(train_set, held_out), transform)
+
+
 def load_lfw(root, transforms, top_k=20, seed=0):
     """LFW tree <root>/<Name>/<Name>_NNNN.jpg. Keeps the ``top_k`` identities with
     the most images (ties broken by name, alphabetically), then splits each identity

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint,
+from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint, strict_json,
                    load_state_checked, make_test_loader, one_line, resolve_device)
 from train import OneLineErrorParser, get_args_parser as train_args_parser
 
@@ -234,6 +234,9 @@ def main(args):
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
     train_set, test_set, num_classes = build_datasets_from_args(train_args)
+    if train_args.val_split:  # the many / medium / few groups count the images the model trained on
+        train_set, _ = data.validation_split(train_set, train_args.val_split, train_args.split_seed,
+                                             test_set.transform)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     test_loader = make_test_loader(test_set, args.batch_size, args.workers, device)
     model = build_model_from_args(train_args, num_classes, load_weights=False)
@@ -253,16 +256,17 @@ def main(args):
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
     result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"])
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(strict_json(result), allow_nan=False))
     else:
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}): "
               f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
               f"balanced top1 {result['balanced_top1']:.2f} on {result['n']} test images")
-        if sum(result[g + "_top1"] == result[g + "_top1"] for g in ("many", "medium", "few")) > 1:  # not NaN
+        if sum(result.get(g + "_top1") is not None for g in ("many", "medium", "few")) > 1:
             print("  many / medium / few-shot top1 (> {} / {}-{} / < {} training images): ".format(
                   train_args.many_threshold, train_args.few_threshold, train_args.many_threshold,
                   train_args.few_threshold)
-                  + " / ".join(f"{result[g + '_top1']:.2f}" for g in ("many", "medium", "few")))
+                  + " / ".join("-" if result[g + "_top1"] is None else f"{result[g + '_top1']:.2f}"
+                               for g in ("many", "medium", "few")))
         for name, acc in result["per_class"].items():
             print(f"  {name:30s} {acc:6.2f}")
         for key in sorted(k for k in result if k.startswith("head_top1")):

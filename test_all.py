@@ -38,6 +38,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 
 
+def assert_data_error(fn, *fragments):
+    """``fn()`` raises DataError whose one-line message holds every fragment."""
+    try:
+        fn()
+    except data.DataError as e:
+        assert all(f in str(e) for f in fragments) and "\n" not in str(e), str(e)
+        return
+    raise AssertionError("no DataError raised")
+
+
 @contextlib.contextmanager
 def tmpdir():
     path = tempfile.mkdtemp(prefix="test_all_")
@@ -488,6 +498,33 @@ def test_train_and_evaluate_end_to_end():
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[-1]["iteration"] == 9
+
+
+def test_val_split_is_stratified_disjoint_unaugmented_and_logged():
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=60, n_test=8, classes=3)
+        train_set, test_set, _ = data.build_datasets("npz", npz)
+        kept, val = data.validation_split(train_set, 0.2, 0, test_set.transform)
+        assert sorted(kept.indices + val.indices) == list(range(60)) and not set(kept.indices) & set(val.indices)
+        assert np.bincount(val.targets).tolist() == [4, 4, 4]                  # 20% of each class's 20
+        assert torch.equal(val[0][0], test_set.transform(Image.fromarray(train_set.images[val.indices[0]])))
+        again = data.validation_split(train_set, 0.2, 0, test_set.transform)[1].indices
+        other = data.validation_split(train_set, 0.2, 1, test_set.transform)[1].indices
+        assert again == val.indices and other != val.indices                   # --split-seed decides it
+        lt, _, _ = data.build_datasets("npz", npz, imbalance_ratio=4.0)      # split after the long-tailed cut
+        lt_kept, lt_val = data.validation_split(lt, 0.5, 0, test_set.transform)
+        assert set(lt_kept.indices) | set(lt_val.indices) == set(range(len(lt)))
+        assert np.bincount(lt_val.targets).tolist() == [10, 5, 3]     # half of 20 / 10 / 5 (round(2.5) = 2 kept)
+        for bad in (0.0, 1.0, 1.5):
+            assert_data_error(lambda: data.validation_split(train_set, bad, 0, None), "--val-split")
+        out = os.path.join(d, "run")
+        assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                            "--batch-size", "8", "--workers", "0", "--iters", "2", "--device", "cpu",
+                                            "--val-split", "0.2", "--output-dir", out])) == 0
+        text = open(os.path.join(out, "metrics.jsonl")).read()
+        row = json.loads(text)
+        assert {"val_top1", "val_balanced_top1", "val_loss", "test_top1"} <= set(row)
+        assert row["test_many_top1"] is None and "NaN" not in text        # strict JSON: no class is many-shot
 
 
 def test_same_seed_same_run():

@@ -509,7 +509,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     """Top-1 / top-5 (%) and per-class top-1 on ``loader``; top-5 becomes top-k
     with k = K when K < 5. With ``train_counts`` (training images per class) also
     many / medium / few-shot top-1: the mean per-class accuracy of each group
-    (NaN for an empty group). MKSMT models also give ``head_top1_stageS`` for
+    (None for an empty group). MKSMT models also give ``head_top1_stageS`` for
     every head (the deepest one is ``top1``). ``flip`` "h" / "v" mirrors the test
     images (MKSMT's robustness test). ``args`` brings --amp / --channels-last. In a
     distributed run each process evaluates its shard of the test set and the
@@ -561,7 +561,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     if train_counts is not None:
         for group, classes in shot_groups(train_counts, many_threshold, few_threshold).items():
             classes = [c for c in classes if present[c]]
-            shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else float("nan")
+            shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else None
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
             "loss": loss_sum / total, "n": total,
             "balanced_top1": float(torch.tensor(per_class)[present].mean()), **shots,
@@ -701,27 +701,42 @@ def restore(path, args, model, criterion, optimizer, scheduler):
     return ckpt
 
 
-def log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state):
-    """Append one row to metrics.jsonl and print the evaluation line."""
-    record = {"epoch": epoch, "iteration": state["iteration"],
-              **{f"train_{k}": v for k, v in train_stats.items()},
-              "test_top1": result["top1"], "test_top5": result["top5"],
-              "test_balanced_top1": result["balanced_top1"], "test_loss": result["loss"],
-              **{f"test_{k}": v for k, v in result.items()
-                 if k.startswith(("aux_top1", "head_top1")) or k in ("many_top1", "medium_top1", "few_top1")},
-              "aux_weight": state["aux_weight"], "alpha": state["alpha"],
-              "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
-              "seconds": round(time.time() - state["start_time"], 1)}
+def log_evaluation(metrics_path, epoch, train_stats, results, optimizer, state):
+    """Append one row to metrics.jsonl and print the evaluation line. ``results``
+    maps "val" (with --val-split) and "test" to evaluate()'s output; their keys
+    become val_* and test_* columns."""
+    record = {"epoch": epoch, "iteration": state["iteration"], **{f"train_{k}": v for k, v in train_stats.items()}}
+    for split, result in results.items():
+        record.update({f"{split}_top1": result["top1"], f"{split}_top5": result["top5"],
+                       f"{split}_balanced_top1": result["balanced_top1"], f"{split}_loss": result["loss"],
+                       **{f"{split}_{k}": v for k, v in result.items()
+                          if k.startswith(("aux_top1", "head_top1")) or k in ("many_top1", "medium_top1", "few_top1")}})
+    record.update({"aux_weight": state["aux_weight"], "alpha": state["alpha"],
+                   "lr": optimizer.param_groups[0]["lr"], "skipped_nonfinite": state["skipped_nonfinite"],
+                   "seconds": round(time.time() - state["start_time"], 1)})
     with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    shots = [(g, result[g + "_top1"]) for g in ("many", "medium", "few")
-             if result.get(g + "_top1", float("nan")) == result.get(g + "_top1")]  # non-empty groups
-    print(f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f} "
-          f"test top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-          f"balanced {result['balanced_top1']:.2f}"
-          + "".join(f" {g} {v:.2f}" for g, v in shots if len(shots) > 1)
-          + "".join(f" {k.replace('_top1_', ' ')} {v:.2f}" for k, v in result.items() if k.startswith("head_top1")),
-          flush=True)
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+    line = f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}"
+    for split, result in results.items():
+        shots = [(g, result[g + "_top1"]) for g in ("many", "medium", "few")
+                 if result.get(g + "_top1") is not None and math.isfinite(result[g + "_top1"])]
+        line += (f" {split} top1 {result['top1']:.2f} top5 {result['top5']:.2f} balanced {result['balanced_top1']:.2f}"
+                 + "".join(f" {g} {v:.2f}" for g, v in shots if len(shots) > 1)
+                 + "".join(f" {k.replace('_top1_', ' ')} {v:.2f}" for k, v in result.items()
+                           if k.startswith("head_top1")))
+    print(line, flush=True)
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so json.dumps writes
+    strict JSON (null, never NaN / Infinity, which jq and JavaScript reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def setup_distributed(args):
@@ -791,6 +806,9 @@ def train(args, rank=0, world_size=1, device=None):
 
     # Everything that can reject the input runs before anything is written.
     train_set, test_set, num_classes = build_datasets_from_args(args)
+    val_set = None
+    if args.val_split:  # held out of the training set: the only set to select hyper-parameters on
+        train_set, val_set = data.validation_split(train_set, args.val_split, args.split_seed, test_set.transform)
     dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
     if args.skip_corrupt:
         print(f"--skip-corrupt: dropped {len(dropped)} unreadable images"
@@ -814,8 +832,9 @@ def train(args, rank=0, world_size=1, device=None):
     train_model, eval_model = prepare_model(args, model, device, world_size)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     train_loader, sampler = make_train_loader(args, train_set, device, rank, world_size)
-    test_loader = make_test_loader(test_set, args.eval_batch_size or args.batch_size, args.workers, device,
-                                   rank, world_size)
+    eval_loaders = {name: make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
+                                           device, rank, world_size)
+                    for name, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
     iters_per_epoch = len(train_set) // (args.batch_size * world_size)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     total_iters = args.iters or args.epochs * iters_per_epoch
@@ -833,7 +852,8 @@ def train(args, rank=0, world_size=1, device=None):
     if rank == 0:
         prepare_output_dir(args)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
-          f"{len(train_set)} train / {len(test_set)} test images, {num_classes} classes; "
+          f"{len(train_set)} train / " + (f"{len(val_set)} validation / " if val_set is not None else "")
+          + f"{len(test_set)} test images, {num_classes} classes; "
           f"{iters_per_epoch} iterations per epoch, {total_iters} in all ({epochs} epochs) on {device}"
           + (f" x {world_size} processes" if world_size > 1 else "")
           + f"; loader {'tensor' if use_tensor_loader(args, train_set) else 'torch'}", flush=True)
@@ -899,10 +919,12 @@ def train(args, rank=0, world_size=1, device=None):
             train_stats = reduce_mean(train_stats, world_size, device)
             last = state["iteration"] >= total_iters
             if (epoch + 1) % args.eval_every == 0 or last:
-                result = evaluate(eval_model, test_loader, device, num_classes, train_counts,
-                                  args.many_threshold, args.few_threshold, args=args)
+                results = {name: evaluate(eval_model, loader, device, num_classes, train_counts,
+                                          args.many_threshold, args.few_threshold, args=args)
+                           for name, loader in eval_loaders.items()}
+                result = results["test"]
                 if rank == 0:
-                    log_evaluation(metrics_path, epoch, train_stats, result, optimizer, state)
+                    log_evaluation(metrics_path, epoch, train_stats, results, optimizer, state)
             save()
             if state["stop_signal"] is not None:  # arrived in the epoch's last step or its evaluation
                 raise StopTraining(f"stopped by signal {state['stop_signal']} after epoch {epoch}; "
@@ -1020,6 +1042,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the LFW / CUB-subset 8:2 split and of the long-tailed subset "
                         "(fixed across --seed on purpose)")
+    p.add_argument("--val-split", type=float, default=0.0, metavar="F",
+                   help="hold out a stratified fraction F of the training set (seeded by --split-seed; after "
+                        "the long-tailed cut) and evaluate it as val_* in metrics.jsonl: select on it, never on test")
     p.add_argument("--imbalance-ratio", type=float, metavar="BETA",
                    help="make a cifar10/cifar100/npz training set long-tailed: n_max/n_min = BETA")
     p.add_argument("--many-threshold", type=int, default=100,
