@@ -7,7 +7,7 @@ their per-sample loops.
     python benchmark.py --losses-only
 
 Training grid: every model x loader x amp x channels-last x compile cell trains
-(SGD, momentum 0.9, lr 0.1, wd 1e-4, cross-entropy on ``model(x)["logits"]``) for
+(train.build_optimizer's SGD: momentum 0.9, lr 0.1, wd 1e-4; cross-entropy on ``model(x)["logits"]``) for
 ``--warmup`` steps, then ``--windows`` windows of ``--steps-per-window`` steps
 (defaults 5, then 5 x 5; on CPU 2, then 5 x 2); a window's rate is
 steps * B / seconds (CUDA events on GPU, ``perf_counter`` on CPU; data loading
@@ -16,11 +16,19 @@ measured in the same run for every model, is eager fp32 with the torchvision
 DataLoader path of train.py (``data.cifar_transforms`` on ``data.ArrayDataset``,
 PIL per sample); every ratio is against it. ``tensor`` is ``data.TensorLoader``.
 
+CUDA-only cells (``--amp fp16``: autocast + ``torch.amp.GradScaler``; ``--compile
+reduce-overhead`` / ``max-autotune``: CUDA graphs, with
+``torch.compiler.cudagraph_mark_step_begin()`` before each step) are skipped with a
+one-line reason on CPU, not failed. Without ``--data-path`` the cells time random
+uint8 32x32 images (speed does not depend on pixel values).
+
 Losses: each entry of ``LOSS_BENCHMARKS`` times the loss module's forward pass
 against a per-sample Python loop written from the paper's equation, at
 ``--loss-batch-size`` (512), and reports the speed-up.
 
-Writes ``<out>/benchmark-<device>.json`` (device: "cpu" or the GPU name, slugified).
+Writes ``<out>/benchmark-<device>.json`` (device: "cpu" or the GPU name, slugified):
+strict JSON (null, never NaN / Infinity) with the device name, GPU memory (GiB, null on
+CPU), torch / torchvision versions and CPU thread counts next to the timings.
 """
 import argparse
 import json
@@ -28,6 +36,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -44,6 +53,8 @@ AMP_MODES = ("none", *train.AMP_DTYPES)  # train.py's --amp choices
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LOADERS = ("torch", "tensor")
 BASELINE = {"loader": "torch", "amp": "none", "channels_last": "off", "compile": "none"}
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+SYNTHETIC_IMAGES = 10000
 
 
 # ----------------------------------------------------------------------------------
@@ -73,15 +84,25 @@ def device_slug(device):
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def gpu_memory_gib(device):
+    """Total memory of the CUDA device in GiB (2 decimals), None on CPU."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 2)
+
+
 def load_train_arrays(path):
-    """x_train (N, H, W, 3) uint8 and y_train (N,) int64 from the npz, or 10 000
-    random images when the file is missing (noted on stdout)."""
-    if os.path.isfile(path):
-        arrays = np.load(path)
-        return arrays["x_train"], arrays["y_train"].astype(np.int64)
-    print(f"note: {path} not found; timing on 10000 random uint8 32x32 images instead")
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 10000)
+    """x_train (N, H, W, 3) uint8 and y_train (N,) int64 from the npz at ``path``, or
+    random images when ``path`` is None (said on stdout): speed does not depend on
+    pixel values."""
+    if path is None:
+        print(f"no --data-path: timing on {SYNTHETIC_IMAGES} random uint8 32x32 images "
+              f"(speed does not depend on pixel values)", flush=True)
+        rng = np.random.default_rng(0)
+        return (rng.integers(0, 256, (SYNTHETIC_IMAGES, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, SYNTHETIC_IMAGES))
+    arrays = np.load(path)
+    return arrays["x_train"], arrays["y_train"].astype(np.int64)
 
 
 def make_loader(kind, x, y, batch_size, workers, device):
@@ -113,11 +134,11 @@ def endless(loader, sampler):
 def skip_reason(device, amp, compile_mode):
     """Why a cell cannot run on ``device``, or None."""
     if amp == "fp16" and device.type != "cuda":
-        return "fp16 needs CUDA (torch.amp.GradScaler)"
+        return "needs CUDA (fp16 autocast + torch.amp.GradScaler); run on a GPU"
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
-    if compile_mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
-        return f"compile mode {compile_mode} targets CUDA (graphs / autotuning)"
+    if compile_mode in CUDA_GRAPH_MODES and device.type != "cuda":
+        return f"needs CUDA (--compile {compile_mode} records CUDA graphs); run on a GPU"
     return None
 
 
@@ -126,7 +147,7 @@ def make_step(model, optimizer, device, amp, channels_last, compile_mode):
     dtype = train.AMP_DTYPES.get(amp)  # None: no autocast
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
-    mark_step = compile_mode == "reduce-overhead"
+    mark_step = compile_mode in CUDA_GRAPH_MODES  # a new CUDA-graph generation per step
 
     def step(images, labels):
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)  # (B, 3, H, W)
@@ -170,7 +191,8 @@ def run_cell(args, cell, arrays, device):
     model = models.build_model(cell["model"], 10).to(device)
     if cell["channels_last"] == "on":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    # train.py's own optimizer for these settings (fused where train.py uses it)
+    optimizer = train.build_optimizer(argparse.Namespace(lr=0.1, momentum=0.9, wd=1e-4), model, None)
     if cell["compile"] != "none":
         model = torch.compile(model, mode=cell["compile"])
     model.train()
@@ -330,18 +352,41 @@ def run_loss_benchmarks(batch_size=512, device=torch.device("cpu"), repeats=10):
 
 
 # ----------------------------------------------------------------------------------
+def check_args(args, device):
+    """One-line reason why the run cannot start, or None."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: CUDA is not available here; pass --device cpu"
+    if args.data_path is not None and not os.path.isfile(args.data_path):
+        return (f"--data-path {args.data_path} not found; pass an npz with x_train, y_train, "
+                f"or leave it out to time random images")
+    return None
+
+
+def device_info(device):
+    """What the timings were taken on: device name, GPU memory, versions, threads."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": device_slug(device), "device_name": gpu or cpu_name(), "gpu": gpu, "cpu": cpu_name(),
+            "gpu_memory_gib": gpu_memory_gib(device), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+
+
 def main(args):
     device = pick_device(args.device)
+    problem = check_args(args, device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # Fewer steps by default on CPU, where a resnet32 step at B=128 takes seconds:
     # the default run stays near 2 minutes on 2 cores.
     on_cpu = device.type == "cpu"
     args.warmup = (2 if on_cpu else 5) if args.warmup is None else args.warmup
     args.steps_per_window = (2 if on_cpu else 5) if args.steps_per_window is None else args.steps_per_window
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    print(f"device {device} ({gpu or cpu_name()}), torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads", flush=True)
-    report = {"device": device_slug(device), "gpu": gpu, "cpu": cpu_name(), "torch": torch.__version__,
-              "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+    info = device_info(device)
+    memory = f", {info['gpu_memory_gib']} GiB" if info["gpu_memory_gib"] is not None else ""
+    print(f"device {device} ({info['device_name']}{memory}), torch {info['torch']}, "
+          f"torchvision {info['torchvision']}, {info['threads']} threads of {info['cpu_count']} CPUs", flush=True)
+    report = {**info,
               "grid": {"models": args.models, "batch_size": args.batch_size, "loaders": args.loaders,
                        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
                        "warmup": args.warmup, "windows": args.windows,
@@ -357,7 +402,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"benchmark-{report['device']}.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        f.write(json.dumps(train.strict_json(report), indent=2, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return 0
 
@@ -384,8 +429,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--warmup", default=None, type=int, help="untimed steps per cell (5; 2 on CPU)")
     parser.add_argument("--windows", default=5, type=int, help="timed windows per cell (median reported)")
     parser.add_argument("--steps-per-window", default=None, type=int, help="(5; 2 on CPU)")
-    parser.add_argument("--data-path", default="../shared/data/cifar10_subset.npz",
-                        help="npz with x_train (N, H, W, 3) uint8, y_train; random data if missing")
+    parser.add_argument("--data-path", default=None,
+                        help="npz with x_train (N, H, W, 3) uint8, y_train (default: random uint8 images)")
     parser.add_argument("--workers", default=2, type=int, help="DataLoader workers of the torch loader")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", default="results/", help="folder for benchmark-<device>.json")

@@ -9,7 +9,7 @@ of int) and ``.classes`` (list of str). Missing or malformed data raises
 ``DataError`` with a one-line message naming the path and the flag to pass; the
 scripts print it and exit with code 2.
 
-Formats (SPEC.md Sec. 6):
+Formats (README.md, section Data):
     cifar10, cifar100  torchvision's CIFAR (``download=True`` fetches it)
     npz                x_train, y_train, x_test, y_test; uint8 NHWC images
     imagefolder        <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg
@@ -881,6 +881,33 @@ def dataset_uint8(dataset):
     return images, torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
+class TensorEvalLoader:
+    """The evaluation counterpart of ``TensorLoader``: the whole uint8 set is one
+    (N, 3, H, W) tensor on ``device``; batches come in order, converted there as
+    ``T.ToTensor()`` + ``T.Normalize(mean, std)`` would (``normalize_uint8``), so
+    the results equal a DataLoader over the set's un-augmented test transform
+    (``cifar_transforms``' test side), without PIL, workers or host copies.
+    ``rank`` / ``world_size``: this process's shard, every world_size-th image.
+
+    Yields (images (B, 3, H, W) float32, labels (B,) int64), both on ``device``."""
+
+    def __init__(self, dataset, batch_size, device, mean, std, rank=0, world_size=1):
+        images, labels = dataset_uint8(dataset)                              # (N, 3, H, W) uint8, (N,)
+        device = torch.device(device)
+        self.images, self.labels = images[rank::world_size].to(device), labels[rank::world_size].to(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)   # (1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            yield normalize_uint8(self.images[batch], self.mean, self.std), self.labels[batch]
+
+
 class TensorLoader:
     """A DataLoader replacement for uint8 image sets that fit on the device.
 
@@ -897,7 +924,7 @@ class TensorLoader:
     also works: batch k of this loader's life then uses seed ``seed * 1_000_003 + k``
     (not reproducible across a resume).
 
-    ``views=2, contrastive=True`` (SupContrast-style two views, SPEC: "one view
+    ``views=2, contrastive=True`` (SupContrast-style two views, seed 003: "one view
     with colour jitter, one without"): view 1 = crop + flip + ``batched_color_jitter``
     (0.4, 0.4, 0.4, 0.1, p=0.8) + ``batched_grayscale`` (p=0.2); view 2 = crop +
     flip + grayscale (p=0.2). Without ``contrastive`` every view is crop + flip, plus
@@ -960,7 +987,7 @@ class TensorLoader:
         x = batched_crop_flip(images, self.padding, self.generator).float().div_(255)  # (B, 3, H, W) in [0, 1]
         if self.contrastive:
             if view == 0:
-                order = torch.randperm(4, generator=self.host_generator).tolist()
+                order = torch.randperm(4, generator=self.host_generator).numpy().tolist()  # a host tensor: no device wait
                 x = batched_color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=self.generator, order=order)
             x = batched_grayscale(x, p=0.2, generator=self.generator)
         elif self.grayscale:

@@ -89,7 +89,7 @@ def plot_probe(csv_path):
 
 
 # ----------------------------------------------------------------------------------
-# MKSMT extras (Yu et al. 2023; SPEC Sec. 3): Grad-CAM per head, parameters / FLOPs
+# MKSMT extras (Yu et al. 2023; README, Equations: MKSMT): Grad-CAM per head, parameters / FLOPs
 # ----------------------------------------------------------------------------------
 def gradcam(model, images, head_index):
     """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one supervised head.
@@ -238,7 +238,8 @@ def main(args):
         train_set, _ = data.validation_split(train_set, train_args.val_split, train_args.split_seed,
                                              test_set.transform)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
-    test_loader = make_test_loader(test_set, args.batch_size, args.workers, device)
+    test_loader = make_test_loader(test_set, args.batch_size, args.workers, device,  # on the device when it fits
+                                   normalize=train_args.normalize or data.DEFAULT_NORMALIZE[train_args.dataset])
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
     model.to(device)

@@ -1,8 +1,8 @@
 """Losses, one class per loss, each written next to its equation.
 
 Stands alone: imports only torch / stdlib, so it can be copied by itself.
-Equation numbers refer to the papers named in each docstring; ``SPEC.md`` has
-the English digest. Every loss is tested in ``test_all.py`` against a per-sample
+Equation numbers refer to the papers named in each docstring; README.md
+(section Equations) writes every equation out. Every loss is tested in ``test_all.py`` against a per-sample
 Python loop written from the equation.
 """
 import functools
@@ -112,7 +112,8 @@ class _WenCenterUpdate(torch.autograd.Function):
     def backward(ctx, grad_centers):
         centers, features, labels = ctx.saved_tensors
         step = torch.zeros_like(centers).index_add_(0, labels, centers[labels] - features)  # (K, d)
-        counts = torch.bincount(labels, minlength=centers.shape[0]).to(centers.dtype)       # (K,)
+        # index_add_, not bincount: bincount's output size depends on the data (a device sync)
+        counts = torch.zeros_like(centers[:, 0]).index_add_(0, labels, torch.ones_like(features[:, 0]))  # (K,)
         return step / (1 + counts)[:, None], None, None                                     # Eq. (4)
 
 
@@ -261,12 +262,11 @@ class SupConLoss(nn.Module):
         has_positive = num_positive > 0
         # masked_fill, not multiplication: 0 * -inf on the diagonal would be NaN
         sum_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1)        # (N,)
-        per_anchor = -sum_log_prob[has_positive] / num_positive[has_positive]  # Eq. (2)
+        per_anchor = -sum_log_prob / num_positive.clamp_min(1)            # (N,) Eq. (2); 0 without a positive
         if self.base_temperature is not None:
             per_anchor = per_anchor * (self.temperature / self.base_temperature)
-        if per_anchor.numel() == 0:
-            return z.sum() * 0.0
-        return per_anchor.mean()
+        # the mean over anchors that have a positive, as masks: no data-dependent shape, no device sync
+        return per_anchor.sum() / has_positive.sum().clamp_min(1)
 
 
 class PSCLoss(nn.Module):
@@ -327,7 +327,8 @@ class PSCLoss(nn.Module):
         own = logits[torch.arange(len(labels), device=labels.device), labels]    # (N, M)
         others = logits
         if not self.include_positive:
-            is_own = F.one_hot(labels, K).bool()[:, :, None].expand_as(logits)  # (N, K, M)
+            # a comparison, not F.one_hot, which checks the label range on the host (a device sync)
+            is_own = (labels[:, None] == torch.arange(K, device=labels.device))[:, :, None].expand_as(logits)  # (N, K, M)
             others = logits.masked_fill(is_own, float("-inf"))
         log_denominator = torch.logsumexp(others.flatten(1), dim=1)             # (N,)
         log_ratio = own - log_denominator[:, None]                               # (N, M)
@@ -386,7 +387,7 @@ class HybridLoss(nn.Module):
 # ----------------------------------------------------------------------------------
 def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True, t2_scale=True):
     """Decision distillation of MKSMT (Yu et al. 2023, Sec. 1.2 Eq. 1, 2 and Sec. 2.4
-    Eq. 6; SPEC Sec. 3): the shallower head (student, S3) matches the softened
+    Eq. 6; README, Equations: MKSMT): the shallower head (student, S3) matches the softened
     output of the deeper one (teacher, S4).
 
         p_i = exp(z_i / T) / sum_j exp(z_j / T)                               (Eq. 1)

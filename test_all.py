@@ -4,6 +4,7 @@
 Loss tests compare against per-sample Python loops written from the paper's
 equation (floats and ``math``, not tensors), in float64.
 """
+import argparse
 import concurrent.futures
 import contextlib
 import io
@@ -32,6 +33,7 @@ import data
 import evaluate
 import losses
 import models
+import reproduce
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -405,7 +407,10 @@ def test_recipe_defaults_and_explicit_override():
     args = train.parse_args(["--recipe", "seed001-cifar10", "--lr", "0.2"])
     assert args.lr == 0.2 and args.iters == 80000 and args.block == "preact"
     assert args.milestones == [32000, 48000, 64000] and args.normalize == "seed001"
-    assert train.parse_args([]).lr == 0.1 and train.parse_args([]).recipe is None
+    # no --recipe: the recipe whose setup matches applies (the bare command is seed 001's ResNet-32 run)
+    assert train.parse_args([]).recipe == "seed001-cifar10" and train.parse_args([]).iters == 80000
+    bare = train.parse_args(["--recipe", "none"])
+    assert (bare.recipe, bare.lr, bare.iters, bare.block, bare.epochs) == ("none", 0.1, 0, "post", 200)
 
 
 def test_seed001_schedule_and_constant_center_lr():
@@ -430,7 +435,7 @@ def test_seed001_schedule_and_constant_center_lr():
 
 
 def test_epoch_milestones_scale_by_iterations_per_epoch():
-    args = train.parse_args(["--milestones", "2", "3", "--lr", "1.0"])
+    args = train.parse_args(["--recipe", "none", "--milestones", "2", "3", "--lr", "1.0"])
     optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
     scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=10)
     lrs = []
@@ -525,6 +530,86 @@ def test_val_split_is_stratified_disjoint_unaugmented_and_logged():
         row = json.loads(text)
         assert {"val_top1", "val_balanced_top1", "val_loss", "test_top1"} <= set(row)
         assert row["test_many_top1"] is None and "NaN" not in text        # strict JSON: no class is many-shot
+
+
+def test_tensor_evaluation_equals_the_dataloader_path():
+    """evaluate() from one uint8 device tensor gives exactly the DataLoader + PIL
+    transform's numbers: plain, flipped, on a long-tailed validation subset, and
+    for an MKSMT model's every head."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=40, n_test=21, classes=3)
+        train_set, test_set, _ = data.build_datasets("npz", npz, imbalance_ratio=2.0)
+        _, val_set = data.validation_split(train_set, 0.5, 0, test_set.transform)
+        torch.manual_seed(0)
+        for model in (models.build_model("resnet20", 3), models.build_model("resnet20", 3, heads=[1, 2], head_width=8)):
+            for dataset in (test_set, val_set):
+                tensor = train.make_test_loader(dataset, 8, 0, torch.device("cpu"), normalize="cifar")
+                loader = train.make_test_loader(dataset, 8, 0, torch.device("cpu"))
+                assert isinstance(tensor, data.TensorEvalLoader) and isinstance(loader, torch.utils.data.DataLoader)
+                for flip in (None, "v"):
+                    a = train.evaluate(model, tensor, torch.device("cpu"), 3, [20, 15, 10], 14, 11, flip=flip)
+                    b = train.evaluate(model, loader, torch.device("cpu"), 3, [20, 15, 10], 14, 11, flip=flip)
+                    assert a == b and a["n"] == len(dataset), (a, b)
+        shard = data.TensorEvalLoader(test_set, 4, "cpu", *data.NORMALIZATIONS["cifar"], rank=1, world_size=2)
+        assert torch.equal(torch.cat([y for _, y in shard]), torch.tensor(test_set.targets[1::2]))
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count calls of the Tensor methods that copy a value to the host (on a GPU,
+    each one waits for every queued kernel: a device sync)."""
+    counter = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def counted(original):
+        def wrapper(self, *a, **k):
+            counter["n"] += 1
+            return original(self, *a, **k)
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_training_steps_never_read_the_device():
+    """Host reads inside train_one_epoch: one per --print-freq window plus one at
+    the epoch end, whatever the number of iterations, for CE, joint (centers),
+    deep supervision, hybrid SC / PSC (two loader streams) and MKSMT (two steps)."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=64, n_test=4)     # 8 iterations of 8
+        original = train.train_one_epoch
+        counts = {}
+
+        def counting(*a, **k):
+            with count_host_reads() as counter:
+                result = original(*a, **k)
+            counts[key] = counter["n"]
+            return result
+
+        train.train_one_epoch = counting
+        try:
+            for extra in ([], ["--loss", "joint"], ["--model", "plain20", "--deep-sup", "0"], ["--loss", "hybrid-sc"],
+                          ["--loss", "hybrid-psc"], ["--loss", "mksmt", "--head-width", "8"]):
+                for iters, print_freq in ((4, 4), (8, 2)):
+                    key = (iters, print_freq)
+                    assert train.main(train.parse_args([
+                        "--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size", "8",
+                        "--iters", str(iters), "--print-freq", str(print_freq), "--device", "cpu",
+                        "--output-dir", os.path.join(d, "r"), *extra])) == 0
+                # 1 window + the epoch end vs 4 windows + the epoch end: 3 more reads for 4 more steps,
+                # so none per step (the sampler's host-side shuffle adds the same once an epoch to both)
+                assert counts[(8, 2)] - counts[(4, 4)] == 3, (extra, counts)
+                assert counts[(4, 4)] <= 2 + 2, (extra, counts)
+        finally:
+            train.train_one_epoch = original
 
 
 def test_same_seed_same_run():
@@ -763,7 +848,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
         a_file = os.path.join(d, "a_file")
         open(a_file, "w").close()
         old = os.path.join(d, "old")
-        subprocess.run(_train_cmd(good, old, "--iters", "1"), cwd=HERE, capture_output=True, timeout=240)
+        subprocess.run(_train_cmd(good, old, "--epochs", "1"), cwd=HERE, capture_output=True, timeout=240)
         foreign = os.path.join(d, "foreign.pth")
         torch.save({"hello": 1}, foreign)
         truncated = os.path.join(d, "truncated.pth")
@@ -1489,7 +1574,8 @@ def test_hybrid_training_many_medium_few_and_resume():
         # interrupted after iteration 3 and resumed: the same final weights as the uninterrupted run
         cut = os.path.join(d, "cut")
         args = common + ["--loss", "hybrid-sc", "--output-dir", cut]
-        assert train.main(train.parse_args(args + ["--iters", "3"])) == 0
+        epochs_at = args.index("--epochs")  # --iters replaces --epochs (passing both is an error)
+        assert train.main(train.parse_args(args[:epochs_at] + args[epochs_at + 2:] + ["--iters", "3"])) == 0
         resumed = train.parse_args(args + ["--resume", "auto"])
         assert train.main(resumed) == 0
         a = torch.load(os.path.join(cut, "checkpoint.pth"), weights_only=True)["model"]
@@ -1508,6 +1594,89 @@ def _parse_error(argv):
     raise AssertionError(f"{argv} parsed without error")
 
 
+# Contexts for the flag table: argv prefixes (and environment) that switch WHEN conditions on and off.
+_FLAG_CONTEXTS = [[], ["--recipe", "none"], ["--dataset", "npz"], ["--loss", "joint"], ["--loss", "center"],
+                  ["--loss", "hybrid-sc"], ["--loss", "hybrid-mpsc"], ["--loss", "hybrid-sc", "--alpha-schedule", "const"],
+                  ["--loss", "mksmt"], ["--deep-sup", "1"], ["--deep-sup", "1", "--aux-decay", "step"],
+                  ["--probe-gradients", "2"], ["--model", "plain20"], ["--dataset", "lfw"], ["--dataset", "cub"],
+                  ["--warmup-iters", "5"], ["--recipe", "none", "--iters", "10"], ["--recipe", "none", "--milestones"],
+                  ["--val-split", "0.1"], ["WORLD_SIZE=2"]]
+# Out-of-range and in-range values per range of train.py's table, written from the range's meaning.
+_RANGE_VALUES = {"POSITIVE": (["0", "-1"], "0.5"), "NON_NEGATIVE": (["-1"], "2"), "AT_LEAST_1": (["0"], "2"),
+                 "AT_LEAST_2": (["1"], "2"), "UNIT": (["-0.1", "1.5"], "0.5"), "BELOW_ONE": (["-0.1", "1"], "0.5"),
+                 "GAMMA": (["0", "1.5"], "0.5"), "SEED": (["-1", str(2 ** 32)], "1"), "IMAGE_SIDE": (["8"], "32"),
+                 "STAGES": (["2,1", "-1"], "1"), "STEPS": ([["3", "2"], ["-1"]], ["2", "3"])}
+_GOOD_VALUE = {"many_threshold": "200", "heads": "1,2", "data_path": "x", "weights": "x.pth", "output_dir": "o",
+               "resume": "auto", "device": "cpu", "multistep": "2"}
+
+
+def _try_parse(argv):
+    """(parsed args or None, stderr)."""
+    env = [a for a in argv if a.startswith("WORLD_SIZE=")]
+    argv = [a for a in argv if not a.startswith("WORLD_SIZE=")]
+    buffer, saved = io.StringIO(), os.environ.get("WORLD_SIZE")
+    if env:
+        os.environ["WORLD_SIZE"] = env[0].split("=")[1]
+    try:
+        with contextlib.redirect_stderr(buffer):
+            return train.parse_args(argv), ""
+    except SystemExit as e:
+        assert e.code == 2
+        return None, buffer.getvalue()
+    finally:
+        if env:
+            os.environ.pop("WORLD_SIZE") if saved is None else os.environ.update(WORLD_SIZE=saved)
+
+
+def test_every_flag_is_used_or_rejected_and_range_checked():
+    """From train.FLAG_RULES: every flag of the parser has a rule; a conditional flag
+    is accepted in some context and rejected in another with one line naming it;
+    an unconditional one is never called unused; each range rejects values just
+    outside it (one line naming the flag) and accepts one inside."""
+    parser = train.get_args_parser()
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(actions) == set(train.FLAG_RULES), set(actions) ^ set(train.FLAG_RULES)
+    range_names = {id(v): k for k, v in vars(train).items() if k in _RANGE_VALUES}
+    for dest, (when, valid) in train.FLAG_RULES.items():
+        action, flag = actions[dest], actions[dest].option_strings[-1]
+
+        def typed(value):
+            if action.nargs == 0:
+                return [flag]
+            return [flag, *value] if isinstance(value, list) else [flag, value]
+
+        if dest in _GOOD_VALUE:
+            good = _GOOD_VALUE[dest]
+        elif valid is not None:
+            good = _RANGE_VALUES[range_names[id(valid)]][1]
+        elif action.choices:
+            good = next((c for c in action.choices if c != action.default), action.default)
+        else:
+            good = str(action.default)
+        accepted, unused = None, None
+        for context in _FLAG_CONTEXTS:
+            args, err = _try_parse(context + typed(good))
+            if args is not None and accepted is None:
+                accepted = context
+            if err.startswith(f"error: {flag} applies only with"):  # (a context's own flag may clash too)
+                assert err.count("\n") == 1, err
+                unused = context
+        assert accepted is not None, (flag, good)
+        assert (unused is None) == (when is None), (flag, when, unused)
+        if valid is not None:
+            for bad in _RANGE_VALUES[range_names[id(valid)]][0]:
+                args, err = _try_parse(accepted + typed(bad))
+                assert args is None and err.startswith(f"error: {flag} must be {valid[0]}") \
+                    and err.count("\n") == 1, (flag, bad, err)
+    for argv, flag in ((["--loss", "ce", "--multistep", "2", "--kd", "decision"], "--multistep"),
+                       (["--lr", "-1"], "--lr"), (["--recipe", "none", "--tau", "0.2"], "--tau"),
+                       (["--recipe", "none", "--lambda", "0.1"], "--lambda"), (["--aux-weight", "0.1"], "--aux-weight"),
+                       (["--dataset", "npz", "--download"], "--download"), (["--temperature", "4"], "--temperature"),
+                       (["--recipe", "hybrid-sc-cifar10lt", "--loss", "ce", "--tau", "0.2"], "--tau")):
+        args, err = _try_parse(argv)
+        assert args is None and err.startswith(f"error: {flag} ") and err.count("\n") == 1, (argv, err)
+
+
 def test_recipes_and_flag_combinations():
     args = train.parse_args(["--recipe", "hybrid-psc-cifar10lt"])
     assert (args.loss, args.tau, args.batch_size, args.lr, args.epochs, args.milestones, args.imbalance_ratio) == \
@@ -1517,7 +1686,7 @@ def test_recipes_and_flag_combinations():
     assert (args.model, args.heads, args.multistep, args.temperature) == ("swin_l", [2, 3], 2, 1.0)
     assert train.parse_args(["--loss", "mksmt", "--multistep", "3"]).heads == [0, 1, 2]  # resnet32: 3 stages
     for argv, fragment in ((["--loss", "mksmt", "--multistep", "3", "--heads", "1,2"], "needs 3 --heads"),
-                           (["--heads", "1,2"], "belongs to --loss mksmt"),
+                           (["--heads", "1,2"], "--heads applies only with --loss mksmt"),
                            (["--loss", "hybrid-psc", "--num-prototypes", "3"], "hybrid-mpsc"),
                            (["--imbalance-ratio", "0.5"], ">= 1")):
         message = _parse_error(argv)
@@ -1966,6 +2135,198 @@ def test_amp_bf16_and_channels_last_train_and_evaluate():
 
 
 # ----------------------------------------------------------------------------------
+# reproduce.py (full-scale driver) and benchmark.py's record
+# ----------------------------------------------------------------------------------
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run_script(*argv, timeout=300):
+    return subprocess.run([sys.executable, *argv], cwd=HERE, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _write_run(out, setup, config, seed, rows, config_json):
+    """A hand-made run folder: metrics.jsonl with ``rows`` and config.json."""
+    run_dir = os.path.join(out, setup, f"{config}-seed{seed}")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config_json, f)
+
+
+def _table_rows(text, setup):
+    """{first cell: [cells]} of the markdown table under '## <setup>:'."""
+    section = text.split(f"## {setup}:", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_reproduce_smoke_runs_every_setup_and_writes_summary():
+    out = tempfile.mkdtemp(prefix="reproduce_smoke_")
+    try:
+        result = _run_script("reproduce.py", "--smoke", "--parallel", "2", "--out", out)  # CI: 2 cores
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "estimate on cpu" in result.stdout
+        for setup_name, setup in reproduce.SETUPS.items():
+            for config in setup.configs:
+                run_dir = os.path.join(out, setup_name, f"{config.name}-seed0")
+                assert os.path.isfile(os.path.join(run_dir, "metrics.jsonl")), run_dir
+                assert os.path.isfile(run_dir + ".log"), run_dir
+        with open(os.path.join(out, "summary.md")) as f:
+            text = f.read()
+        for setup_name, setup in reproduce.SETUPS.items():
+            rows = _table_rows(text, setup_name)
+            assert set(rows) == {c.label for c in setup.configs}, rows
+            assert all(cells[len(setup.metrics)] == "1" for cells in rows.values()), rows  # n seeds
+        assert "many (%)" in text.split("## hybrid-lt:")[1].split("## ")[0]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_reproduce_missing_data_is_one_line_exit_2():
+    for setup, what in (("seed001", "CIFAR-10 .npz"), ("lfw", "LFW folder")):
+        result = _run_script("reproduce.py", setup, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {setup} needs --data PATH") and what in lines[0], lines
+    for argv in (["bogus"], [], ["seed001", "--data", "/no/such/file.npz"]):
+        result = _run_script("reproduce.py", *argv, timeout=60)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (argv, result.stderr)
+        assert result.stderr.startswith("error: "), result.stderr
+
+
+def test_reproduce_summary_mean_std_last_row_and_notes():
+    out = tempfile.mkdtemp(prefix="reproduce_summary_")
+    try:
+        # seed001: three finished seeds; an earlier, better row must not be used (last row only)
+        for seed, top1 in enumerate((90.0, 91.0, 93.0)):
+            rows = [{"epoch": 0, "iteration": 40000, "test_top1": 99.0},
+                    {"epoch": 1, "iteration": 80000, "test_top1": top1}]
+            _write_run(out, "seed001", "resnet32", seed, rows, {"iters": 80000, "epochs": 200})
+        # hybrid-lt CE: seed 0 finished (many group empty: null), seed 1 unfinished, seed 2 missing
+        last = {"epoch": 199, "iteration": 4800, "test_top1": 70.5, "test_many_top1": None,
+                "test_medium_top1": 60.25, "test_few_top1": 40.0}
+        _write_run(out, "hybrid-lt", "ce", 0, [last], {"iters": 0, "epochs": 200})
+        _write_run(out, "hybrid-lt", "ce", 1, [{**last, "epoch": 57, "test_top1": 50.0}], {"iters": 0, "epochs": 200})
+        # hybrid-lt SC: two finished seeds; PSC: a malformed metrics file
+        for seed, (top1, few) in enumerate(((80.0, 60.0), (82.0, 66.0))):
+            _write_run(out, "hybrid-lt", "sc", seed, [{**last, "test_top1": top1, "test_many_top1": 90.0,
+                                                       "test_few_top1": few}], {"iters": 0, "epochs": 200})
+        os.makedirs(os.path.join(out, "hybrid-lt", "psc-seed0"))
+        with open(os.path.join(out, "hybrid-lt", "psc-seed0", "metrics.jsonl"), "w") as f:
+            f.write("{not json\n")
+        result = _run_script("reproduce.py", "seed001", "hybrid-lt", "--summary-only", "--out", out, timeout=60)
+        assert result.returncode == 0, result.stderr
+        with open(os.path.join(out, "summary.md")) as f:
+            text = f.read()
+        # by hand: mean (90 + 91 + 93) / 3 = 91.333; squares 1.7778 + 0.1111 + 2.7778 = 4.6667,
+        # / (n - 1 = 2) = 2.3333, sqrt = 1.5275
+        mean = (90.0 + 91.0 + 93.0) / 3
+        std = (((90.0 - mean) ** 2 + (91.0 - mean) ** 2 + (93.0 - mean) ** 2) / 2) ** 0.5
+        assert f"{mean:.2f} ± {std:.2f}" == "91.33 ± 1.53"
+        seed001 = _table_rows(text, "seed001")
+        assert seed001["ResNet-32 (seed001-cifar10)"] == ["91.33 ± 1.53", "3", "91.1 (seed 001); 92.49 (He et al. 2016)"]
+        hybrid = _table_rows(text, "hybrid-lt")
+        assert hybrid["CE"] == ["70.50", "-", "60.25", "40.00", "1", "70.36"], hybrid["CE"]
+        # SC: top-1 81 ± sqrt(2) = 1.41; many 90 ± 0; few 63 ± sqrt(18) = 4.24
+        assert hybrid["Hybrid-SC"] == ["81.00 ± 1.41", "90.00 ± 0.00", "60.25 ± 0.00", "63.00 ± 4.24", "2", "81.40"]
+        assert hybrid["Hybrid-PSC"] == ["-", "-", "-", "-", "0", "78.82"]
+        assert "CE, seed 1: unfinished (last evaluation after epoch 58 of 200)" in text
+        assert "CE, seed 2: missing (no run folder)" in text
+        assert "Hybrid-PSC, seed 0: unreadable" in text
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_reproduce_commands_pass_only_flags_that_apply_and_smoke_only_appends():
+    paths = {"npz": "/d/cifar10.npz", "lfw": "/d/lfw"}
+    full = reproduce.plan_runs(list(reproduce.SETUPS), [0, 1], paths, "OUT", "auto", {})
+    smoke = reproduce.plan_runs(list(reproduce.SETUPS), [0, 1], paths, "OUT", "auto", reproduce.SMOKE_OVERRIDES)
+    assert len(full) == 2 * sum(len(s.configs) for s in reproduce.SETUPS.values())
+    assert len({run.dir for run in full}) == len(full)
+    for run, tiny in zip(full, smoke):
+        kind = reproduce.SETUPS[run.setup].data
+        assert tiny.args == run.args + reproduce.SMOKE_OVERRIDES["all"] + reproduce.SMOKE_OVERRIDES[kind]
+        argv = reproduce.run_argv(run)
+        assert argv[-4:] == ["--output-dir", os.path.join("OUT", run.setup, f"{run.config.name}-seed{run.seed}"),
+                             "--resume", "auto"]
+        assert argv[argv.index("--seed") + 1] == str(run.seed)
+        assert argv[argv.index("--data-path") + 1] == paths[kind]
+        assert "--tau" not in argv and "--lambda" not in argv
+        assert ("--deep-sup" in argv) == run.config.name.endswith("-ds1")
+        assert ("--aux-weight" in argv) == ("--aux-decay" in argv) == ("--deep-sup" in argv)
+        assert ("--plain-init" in argv) == run.config.name.startswith("plain")
+        assert ("--imbalance-ratio" in argv) == (run.setup == "hybrid-lt"), argv
+    resolved = reproduce.resolve_commands(full)  # train.py's own parser accepts every command
+    assert resolved[full[0].dir].iters == 80000 and resolved[full[0].dir].normalize == "seed001"
+    ce = next(r for r in full if (r.setup, r.config.name) == ("hybrid-lt", "ce"))
+    assert resolved[ce.dir].loss == "ce" and resolved[ce.dir].batch_size == 512 and resolved[ce.dir].lr == 0.5
+    plain = next(r for r in full if r.config.name == "plain56-ds1")
+    assert resolved[plain.dir].deep_sup == [1] and resolved[plain.dir].lr == 0.01
+    assert resolved[plain.dir].milestones == [32000, 48000] and resolved[plain.dir].milestone_unit == "iter"
+
+
+def test_reproduce_rejected_command_is_one_usage_error():
+    run = reproduce.Run("seed001", reproduce.SETUPS["seed001"].configs[0], 0, ["--no-such-flag"], "OUT/x")
+    try:
+        reproduce.resolve_commands([run])
+    except reproduce.UsageError as e:
+        assert str(e).startswith("train.py rejects seed001/resnet32: ") and "\n" not in str(e), str(e)
+    else:
+        raise AssertionError("an unknown train.py flag was accepted")
+
+
+def test_reproduce_probe_reads_timed_lines_and_estimates_minutes():
+    lines = [(0.0, "resnet32: 0.464M parameters; 12406 train / 10000 test images, 10 classes; "
+                   "24 iterations per epoch, 40 in all (2 epochs) on cuda; loader tensor"),
+             (1.0, "epoch 0 iter 10/40 loss 2.3"),   # warm-up: not timed
+             (2.0, "epoch 0 iter 20/40 loss 2.2"),   # 10 steps in 1 s
+             (3.5, "eval epoch 0: train loss 2.2 test top1 10.00"),
+             (5.0, "epoch 1 iter 30/40 loss 2.1"),   # across an evaluation: not timed
+             (7.0, "epoch 1 iter 40/40 loss 2.0"),   # 10 steps in 2 s
+             (9.5, "eval epoch 1: train loss 2.0 test top1 12.00")]
+    probe = reproduce.read_probe(lines, warmup=10)
+    assert probe["steps_per_s"] == 20 / 3 and probe["eval_s"] == 2.5
+    assert (probe["train_size"], probe["test_size"], probe["iters_per_epoch"]) == (12406, 10000, 24)
+    args = argparse.Namespace(iters=0, epochs=200, batch_size=512, eval_every=1)
+    est = reproduce.estimate(args, {**probe, "steps_per_s": 10.0, "eval_s": 2.0})
+    # 200 epochs x 24 iterations = 4800 at 10 it/s = 480 s, + 200 evaluations x 2 s = 400 s
+    assert est == {"iterations": 4800, "images": 4800 * 512, "img_per_s": 5120.0, "evals": 200,
+                   "minutes": 880 / 60}
+    assert reproduce.estimate(args, {**probe, "steps_per_s": None}) is None
+
+
+def test_benchmark_records_device_strict_json_and_skips_cuda_only_cells():
+    out = tempfile.mkdtemp(prefix="bench_")
+    try:
+        result = _run_script("benchmark.py", "--models", "resnet20", "--batch-size", "8", "--warmup", "1",
+                             "--windows", "1", "--steps-per-window", "1", "--no-losses", "--workers", "0",
+                             "--loaders", "tensor", "--amp", "none,fp16", "--compile", "none,reduce-overhead",
+                             "--out", out, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "no --data-path: timing on 10000 random uint8 32x32 images" in result.stdout
+        name = [f for f in os.listdir(out) if f.endswith(".json")][0]
+        with open(os.path.join(out, name)) as f:  # strict: NaN / Infinity would raise
+            report = json.load(f, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        for key in ("device_name", "gpu_memory_gib", "torch", "torchvision", "threads", "cpu_count"):
+            assert key in report, key
+        assert report["grid"]["data_path"] is None and report["device_name"]
+        if not torch.cuda.is_available():
+            assert report["gpu_memory_gib"] is None
+            skipped = [c for c in report["cells"] if "skipped" in c]
+            assert {(c["amp"], c["compile"]) for c in skipped} == {("fp16", "none"), ("none", "reduce-overhead"),
+                                                                  ("fp16", "reduce-overhead")}
+            assert all(c["skipped"].startswith("needs CUDA") for c in skipped)
+        missing = _run_script("benchmark.py", "--data-path", "/no/such.npz", "--out", out, timeout=60)
+        assert missing.returncode == 2 and missing.stderr.startswith("error: --data-path /no/such.npz not found")
+        assert len(missing.stderr.strip().splitlines()) == 1
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------
 def _main():
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
     passed = failed = 0
@@ -1975,7 +2336,7 @@ def _main():
             fn()
             passed += 1
             print(f"PASS {name} ({time.time() - start:.1f}s)", flush=True)
-        except Exception:
+        except (Exception, SystemExit):  # a parse error exits: count it as a failure, go on
             failed += 1
             print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
     print(f"{passed} passed, {failed} failed")

@@ -3,7 +3,7 @@ CE, center loss, the joint CE + contrastive-center objective (Qi & Su 2017, Eq. 
 the hybrid SC / PSC / MPSC + class-balanced CE objective (Wang et al. 2021), or MKSMT's
 multi-step self-distillation (Yu et al. 2023); deep supervision with --deep-sup.
 
-    python train.py --loss joint --model resnet34 --dataset lfw --data-path ../shared/data/lfw_top20
+    python train.py --loss joint --model resnet34 --dataset lfw --data-path /path/to/lfw_top20
     python train.py --recipe seed001-cifar10 --download --amp bf16 --channels-last
     python train.py --recipe hybrid-sc-cifar10lt --download
     torchrun --nproc_per_node 2 train.py --recipe seed001-cifar10 --batch-size 64
@@ -39,7 +39,7 @@ import data
 import losses
 import models
 
-# Paper hyper-parameters per recipe (SPEC.md Sec. 1 and 2); explicit flags override.
+# Paper hyper-parameters per recipe (README.md, Equations); explicit flags override.
 RECIPES = {
     # Seed 001, Sec. 3.2: batch 128, momentum 0.9, L2 1e-4, lr 0.01 for 500 iterations
     # then 0.1, /10 at 32k, 48k and 64k iterations, stop at 80k; pixels x*2/255-1.
@@ -168,7 +168,35 @@ def build_optimizer(args, model, criterion):
     elif criterion is not None:
         groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0,
                        "lr": args.center_lr, "momentum": args.center_momentum})
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    device = groups[0]["params"][0].device
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, fused=fused_sgd_works(device))
+    init_momentum_buffers(optimizer)
+    return optimizer
+
+
+def fused_sgd_works(device):
+    """True where torch has a fused SGD kernel for ``device`` (CPU and CUDA in recent
+    torch). Its step reads a device flag (``found_inf``) and leaves everything
+    untouched when it is set, so a non-finite loss is skipped without the host
+    ever reading the loss (see ``update``)."""
+    p = torch.zeros(1, device=device, requires_grad=True)
+    p.grad = torch.zeros(1, device=device)
+    try:
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def init_momentum_buffers(optimizer):
+    """Give every parameter with momentum a zero momentum buffer before its first step.
+    SGD with dampening 0 then computes buf = 0.9 * 0 + g = g on the first step, the
+    same as when it creates the buffer itself; but a first step that the fused kernel
+    skips (``found_inf``) would otherwise leave an uninitialised buffer behind."""
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
 def build_scheduler(args, optimizer, iters_per_epoch):
@@ -299,22 +327,37 @@ def prepare_batch(batch, device, channels_last=False):
 
 
 def update(optimizer, loss, scaler=None):
-    """One optimizer step on ``loss``; skipped (returns False) when it is NaN/inf.
+    """One optimizer step on ``loss``, applied only when ``loss`` is finite. Returns
+    a 0-dim bool tensor on the loss's device: True if the step was applied.
+
+    The host never reads ``loss`` here: with the fused SGD of ``build_optimizer``
+    a non-finite loss sets the kernel's ``found_inf`` flag on the device, and the
+    step leaves parameters, momentum buffers and centers untouched. With
+    ``--amp fp16`` the GradScaler does the same (a non-finite loss gives non-finite
+    gradients, which it skips, halving its scale). Only an optimizer without a
+    fused kernel (e.g. on MPS) falls back to one host check per step.
     Gradients are set to None first, so parameters that ``loss`` does not reach
     have no gradient and SGD leaves them, their weight decay and their momentum
-    buffers untouched. With ``--amp fp16`` a GradScaler scales the loss (and skips
-    the step itself when the scaled gradients overflow)."""
+    buffers untouched."""
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return False
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
+    finite = torch.isfinite(loss.detach())                                  # (), bool, on the device
+    if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return True
+        return finite
+    if not optimizer.defaults.get("fused"):
+        if finite:  # a device sync: only without a fused kernel
+            loss.backward()
+            optimizer.step()
+        return finite
+    loss.backward()
+    optimizer.found_inf = (~finite).float()   # read by the fused kernel on the device
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return finite
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -351,17 +394,19 @@ def mksmt_step(model, optimizer, images, labels, args, scaler=None):
       --kd none drops the KD term (the "multi-step without KD" ablation).
       --kd-exec async (our reading of "asynchronous"): the last step is split in two
         updates, lambda1 * CE(h_n), then a new forward pass and lambda2 * KD.
-    Returns (last step's loss, {name: detached term}, all steps finite).
+    Every step runs, and each is a no-op on the device when its own loss is
+    non-finite (``update``). Returns (last step's loss, {name: detached term},
+    a 0-dim bool tensor: all steps finite).
     """
     heads, parts, amp = args.heads, {}, lambda: autocast(args, images.device.type)
+    finite = torch.ones((), dtype=torch.bool, device=images.device)
     if args.multistep > 1:
         for stage in heads[:-1]:
             with amp():
                 out = model(images, upto=stage)
                 ce = F.cross_entropy(out["logits"], labels)                   # Eq. (3)
             parts[f"ce_s{stage}"] = ce.detach()
-            if not update(optimizer, ce, scaler):
-                return ce, parts, False
+            finite = finite & update(optimizer, ce, scaler)
     with amp():
         out = model(images)
         ce_last = F.cross_entropy(out["logits"], labels)
@@ -375,29 +420,111 @@ def mksmt_step(model, optimizer, images, labels, args, scaler=None):
             parts[f"ce_s{stage}"] = F.cross_entropy(z.detach().float(), labels)
         loss = shallow + args.lambda1 * ce_last + args.lambda2 * kd
     elif args.kd_exec == "async" and args.kd != "none":
-        if not update(optimizer, args.lambda1 * ce_last, scaler):
-            return ce_last, parts, False
+        finite = finite & update(optimizer, args.lambda1 * ce_last, scaler)
         with amp():
             kd = distillation(model(images), args)
         parts["kd"] = kd.detach()
         loss = args.lambda2 * kd
     else:
         loss = args.lambda1 * ce_last + args.lambda2 * kd                     # Eq. (7)
-    return loss, parts, update(optimizer, loss, scaler)
+    return loss, parts, finite & update(optimizer, loss, scaler)
+
+
+class StepMeter:
+    """The epoch's loss sums and the non-finite guard, kept on the device: a step adds
+    to them without the host reading anything (a ``.item()`` per term per step
+    would make the host wait for the GPU several times per iteration). ``read()``
+    copies everything to the host in one transfer; the trainer calls it once per
+    ``--print-freq`` window, at the end of the epoch and before a checkpoint.
+
+    sums: {name: float} and count: the epoch so far (a resumed epoch's progress);
+    nonfinite: non-finite steps since the run started; iteration: the global
+    iteration of the next step."""
+
+    def __init__(self, device, iteration, sums=None, count=0, nonfinite=0):
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.names = list(sums or {})
+        self.sums = torch.tensor([sums[k] for k in self.names], dtype=self.dtype, device=device)   # (T,)
+        self.count = torch.tensor(float(count), dtype=self.dtype, device=device)
+        self.nonfinite = torch.tensor(float(nonfinite), dtype=self.dtype, device=device)
+        self.iteration = torch.tensor(float(iteration), dtype=self.dtype, device=device)
+        self.first_bad = torch.tensor(-1.0, dtype=self.dtype, device=device)   # not yet reported
+        self.bad_terms = torch.zeros(len(self.names), dtype=torch.bool, device=device)
+
+    def add(self, loss, parts, finite):
+        """loss, parts' values: 0-dim tensors; finite: 0-dim bool (the step applied)."""
+        names = ["loss", *parts]
+        if names != self.names:
+            if self.names:
+                raise RuntimeError(f"loss terms changed within an epoch: {self.names} -> {names}")
+            self.names = names
+            self.sums = self.sums.new_zeros(len(names))
+            self.bad_terms = self.bad_terms.new_zeros(len(names))
+        values = torch.stack([loss.detach().to(self.dtype)] + [v.to(self.dtype) for v in parts.values()])  # (T,)
+        bad = ~finite
+        self.sums += torch.where(finite, values, 0.0)       # a skipped step adds nothing
+        self.count += finite
+        self.nonfinite += bad
+        self.bad_terms |= bad & ~torch.isfinite(values)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.iteration, self.first_bad)
+        self.iteration += 1
+
+    def read(self):
+        """One device-to-host copy -> {"sums": {name: float}, "count": int,
+        "nonfinite": int, "first_bad": int or None, "bad_terms": [names]}."""
+        flat = torch.cat([self.sums, torch.stack([self.count, self.nonfinite, self.first_bad]),
+                          self.bad_terms.to(self.dtype)]).tolist()
+        T = len(self.names)
+        count, nonfinite, first_bad = flat[T:T + 3]
+        return {"sums": dict(zip(self.names, flat[:T])), "count": int(count), "nonfinite": int(nonfinite),
+                "first_bad": int(first_bad) if first_bad >= 0 else None,
+                "bad_terms": [n for n, b in zip(self.names, flat[T + 3:]) if b and n != "loss"]}
+
+    def reported(self):
+        """Forget the non-finite steps just reported (device ops only)."""
+        self.first_bad.fill_(-1.0)
+        self.bad_terms.zero_()
+
+
+def check_steps(meter, state, args):
+    """Read ``meter`` (one device sync) into ``state``. Non-finite steps since the last
+    check: stop with exit code 3 when there are more than ``--skip-nonfinite`` in
+    the run, else warn. Those steps changed nothing (``update``); the steps after
+    them did apply. Called before every checkpoint, so no checkpoint is written
+    after a non-finite step that stops the run: the last good one stays."""
+    r = meter.read()
+    state["epoch_sums"], state["epoch_count"] = r["sums"], r["count"]
+    new = r["nonfinite"] - state["skipped_nonfinite"]
+    if new > 0:
+        where = (f"non-finite loss ({', '.join(r['bad_terms']) or 'total'}) at iteration {r['first_bad']}"
+                 + (f" and {new - 1} more step(s) since" if new > 1 else ""))
+        if r["nonfinite"] > args.skip_nonfinite:
+            raise StopTraining(f"{where}; stopped, the last good checkpoint stays on disk "
+                               f"(lower --lr / --center-lr, or pass --skip-nonfinite K)", 3)
+        state["skipped_nonfinite"] = r["nonfinite"]
+        meter.reported()
+        print(f"warning: {where}; skipped, nothing applied ({r['nonfinite']}/{args.skip_nonfinite})", flush=True)
+    return {k: v / max(r["count"], 1) for k, v in r["sums"].items()}
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch, state, args, save,
                     scaler=None):
     """Run ``loader`` (the rest of the epoch when resumed) until the epoch or
     ``state["total_iters"]`` ends. ``state`` carries the global iteration, the
-    epoch's running loss sums and the stop flag; ``save()`` writes a mid-epoch
-    checkpoint. Returns the epoch's mean loss parts."""
+    epoch's loss sums so far and the stop flag; ``save()`` writes a mid-epoch
+    checkpoint. No step waits for the host: the loss sums and the non-finite
+    guard stay on the device (``StepMeter``) and are read once per
+    ``--print-freq`` window. A non-finite step is skipped on the device and
+    reported up to --print-freq - 1 iterations later. Returns the epoch's mean
+    loss parts."""
     model.train()
     if criterion is not None:
         criterion.train()
+    meter = StepMeter(device, state["iteration"], state["epoch_sums"], state["epoch_count"],
+                      state["skipped_nonfinite"])
     window_start, window_images = time.time(), 0
     for batch in loader:
-        if args.compile == "reduce-overhead":
+        if args.compile in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be reused
         images, labels = prepare_batch(batch, device, args.channels_last)
         if args.loss == "mksmt":
@@ -407,30 +534,17 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
                 out = model(images)
                 loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
             finite = update(optimizer, loss, scaler)
-        if not finite:
-            bad = [k for k, v in parts.items() if not torch.isfinite(v)] or ["total"]
-            where = f"non-finite loss ({', '.join(bad)}) at iteration {state['iteration']}"
-            if state["skipped_nonfinite"] >= args.skip_nonfinite:
-                raise StopTraining(f"{where}; stopped, the last good checkpoint stays on disk "
-                                   f"(lower --lr / --center-lr, or pass --skip-nonfinite K)", 3)
-            state["skipped_nonfinite"] += 1
-            print(f"warning: {where}; batch skipped ({state['skipped_nonfinite']}/{args.skip_nonfinite})",
-                  flush=True)
+        meter.add(loss, parts, finite)
         scheduler.step()
         state["iteration"] += 1
-        if finite:
-            sums = state["epoch_sums"]
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            state["epoch_count"] += 1
         window_images += images.shape[0]
         if state["iteration"] % args.print_freq == 0 or state["iteration"] == state["total_iters"]:
+            means = check_steps(meter, state, args)
             now = time.time()
             done = state["iteration"] - state["start_iteration"]
             eta = (now - state["process_start"]) / done * (state["total_iters"] - state["iteration"])
-            count = max(state["epoch_count"], 1)
             print(f"epoch {epoch} iter {state['iteration']}/{state['total_iters']} "
-                  + " ".join(f"{k} {v / count:.4f}" for k, v in state["epoch_sums"].items())
+                  + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                   + f" lr {optimizer.param_groups[0]['lr']:.4g}"
                   f" {window_images / max(now - window_start, 1e-9):.1f} img/s"
                   f" eta {datetime.timedelta(seconds=int(eta))}", flush=True)
@@ -438,12 +552,14 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         if state["iteration"] == state["epoch_end"]:
             break  # the caller evaluates, saves, and honours a pending signal
         if state["stop_signal"] is not None:
+            check_steps(meter, state, args)
             save()
             raise StopTraining(f"stopped by signal {state['stop_signal']} at iteration {state['iteration']}; "
                                f"continue with the same command plus --resume auto", 128 + state["stop_signal"])
         if args.save_every and state["iteration"] % args.save_every == 0:
+            check_steps(meter, state, args)
             save()
-    return {k: v / max(state["epoch_count"], 1) for k, v in state["epoch_sums"].items()}
+    return check_steps(meter, state, args)
 
 
 def probe_gradients(model, criterion, optimizer, scheduler, loader, sampler, device, state, args):
@@ -513,17 +629,16 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     every head (the deepest one is ``top1``). ``flip`` "h" / "v" mirrors the test
     images (MKSMT's robustness test). ``args`` brings --amp / --channels-last. In a
     distributed run each process evaluates its shard of the test set and the
-    counts are summed over processes. Returns a dict of floats and a per_class list."""
+    counts are summed over processes. Every count stays on the device until one
+    transfer at the end. Returns a dict of floats and a per_class list."""
     model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    class_correct = torch.zeros(num_classes, dtype=torch.long)
-    class_total = torch.zeros(num_classes, dtype=torch.long)
     k = min(5, num_classes)
     aux_stages = getattr(model, "aux_stages", [])
-    aux_correct = [0] * len(aux_stages)
     head_stages = getattr(model, "head_stages", [])
-    head_correct = [0] * len(head_stages)
+    # counts: correct top-1, correct top-k, loss sum, then one per aux head and per MKSMT head
+    counts = torch.zeros(3 + len(aux_stages) + len(head_stages), dtype=torch.float64, device=device)
+    class_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)   # (K,)
+    class_total = torch.zeros(num_classes, dtype=torch.float64, device=device)     # (K,)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if flip is not None:
@@ -532,39 +647,35 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(args, device.type):
             out = model(images)
-        logits = out["logits"].float()
-        for i, aux_logits in enumerate(out.get("aux_logits", [])):
-            aux_correct[i] += (aux_logits.argmax(1) == labels).sum().item()
-        for i, head_logits in enumerate(out.get("head_logits", [])):
-            head_correct[i] += (head_logits.argmax(1) == labels).sum().item()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        topk = logits.topk(k, dim=1).indices                         # (B, k)
-        hit1 = (topk[:, 0] == labels).cpu()
-        correct1 += hit1.sum().item()
-        correct5 += (topk == labels[:, None]).any(1).sum().item()
-        total += labels.shape[0]
-        class_total += torch.bincount(labels.cpu(), minlength=num_classes)
-        class_correct += torch.bincount(labels.cpu()[hit1], minlength=num_classes)
+        logits = out["logits"].float()                                   # (B, K)
+        topk = logits.topk(k, dim=1).indices                             # (B, k)
+        hit1 = (topk[:, 0] == labels).double()                           # (B,)
+        heads = [*out.get("aux_logits", []), *out.get("head_logits", [])]
+        counts += torch.stack([hit1.sum(), (topk == labels[:, None]).any(1).double().sum(),
+                               F.cross_entropy(logits, labels, reduction="sum").double(),
+                               *[(z.argmax(1) == labels).double().sum() for z in heads]])
+        class_total.index_add_(0, labels, torch.ones_like(hit1))
+        class_correct.index_add_(0, labels, hit1)
     if dist.is_available() and dist.is_initialized():  # sum every count over the processes' shards
-        counts = torch.tensor([correct1, correct5, total, loss_sum] + aux_correct + head_correct,
-                              dtype=torch.float64, device=device)
-        per_class_counts = torch.stack([class_correct, class_total]).to(device)
-        for tensor in (counts, per_class_counts):
+        for tensor in (counts, class_correct, class_total):
             dist.all_reduce(tensor)  # NCCL needs them on the GPU
-        correct1, correct5, total, loss_sum = counts[:4].tolist()
-        aux_correct = counts[4:4 + len(aux_correct)].tolist()
-        head_correct = counts[4 + len(aux_correct):].tolist()
-        class_correct, class_total = per_class_counts.cpu()
-    per_class = (100.0 * class_correct / class_total.clamp_min(1)).tolist()
-    present = class_total > 0
+    flat = torch.cat([counts, class_correct, class_total]).tolist()     # the one device-to-host copy
+    n_counts = len(counts)
+    correct1, correct5, loss_sum = flat[:3]
+    aux_correct = flat[3:3 + len(aux_stages)]
+    head_correct = flat[3 + len(aux_stages):n_counts]
+    class_correct, class_total = flat[n_counts:n_counts + num_classes], flat[n_counts + num_classes:]
+    total = sum(class_total)
+    per_class = [100.0 * c / max(t, 1) for c, t in zip(class_correct, class_total)]
+    present = [t > 0 for t in class_total]
     shots = {}
     if train_counts is not None:
         for group, classes in shot_groups(train_counts, many_threshold, few_threshold).items():
             classes = [c for c in classes if present[c]]
             shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else None
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "loss": loss_sum / total, "n": total,
-            "balanced_top1": float(torch.tensor(per_class)[present].mean()), **shots,
+            "loss": loss_sum / total, "n": int(total),
+            "balanced_top1": sum(p for p, ok in zip(per_class, present) if ok) / sum(present), **shots,
             **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             **{f"head_top1_stage{s}": 100.0 * c / total for s, c in zip(head_stages, head_correct)},
             "per_class": per_class}
@@ -647,8 +758,15 @@ class ZippedSamplers:
             sampler.set_epoch(epoch, start)
 
 
-def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1):
-    if world_size > 1:  # each process evaluates every world_size-th image; evaluate() sums the counts
+def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1, normalize=None):
+    """Batches of ``test_set`` in order. With ``normalize`` (the run's normalisation
+    name) and a set that ``data.can_use_tensor_loader`` accepts, a
+    ``data.TensorEvalLoader`` (the set on the device, no PIL); else a DataLoader.
+    In a distributed run each process takes every world_size-th image; evaluate()
+    sums the counts."""
+    if normalize is not None and data.can_use_tensor_loader(test_set):
+        return data.TensorEvalLoader(test_set, batch_size, device, *data.NORMALIZATIONS[normalize], rank, world_size)
+    if world_size > 1:
         test_set = torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
     return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
                                        num_workers=workers, pin_memory=device.type == "cuda",
@@ -656,7 +774,7 @@ def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1
 
 
 def default_output_dir(args):
-    name = args.recipe or f"{args.dataset}-{args.model}-{args.loss}"
+    name = args.recipe if args.recipe not in (None, "none") else f"{args.dataset}-{args.model}-{args.loss}"
     return os.path.join("runs", f"{name}-seed{args.seed}")
 
 
@@ -694,6 +812,7 @@ def restore(path, args, model, criterion, optimizer, scheduler):
         load_state_checked(criterion, ckpt.get("criterion", {}), path, f"--loss {args.loss}")
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
+        init_momentum_buffers(optimizer)  # a checkpoint from before a parameter's first step
         scheduler.load_state_dict(ckpt["scheduler"])
     except (ValueError, KeyError) as e:
         raise data.DataError(f"checkpoint {path} was trained with other optimizer groups "
@@ -802,7 +921,6 @@ def train(args, rank=0, world_size=1, device=None):
     args.output_dir = args.output_dir or default_output_dir(args)
     if args.amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    print("config: " + json.dumps(vars(args), sort_keys=True), flush=True)
 
     # Everything that can reject the input runs before anything is written.
     train_set, test_set, num_classes = build_datasets_from_args(args)
@@ -832,8 +950,9 @@ def train(args, rank=0, world_size=1, device=None):
     train_model, eval_model = prepare_model(args, model, device, world_size)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     train_loader, sampler = make_train_loader(args, train_set, device, rank, world_size)
+    eval_normalize = None if args.loader == "torch" else args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
     eval_loaders = {name: make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
-                                           device, rank, world_size)
+                                           device, rank, world_size, eval_normalize)
                     for name, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
     iters_per_epoch = len(train_set) // (args.batch_size * world_size)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
@@ -851,6 +970,7 @@ def train(args, rank=0, world_size=1, device=None):
         scaler.load_state_dict(ckpt["scaler"])
     if rank == 0:
         prepare_output_dir(args)
+    print(config_line(args), flush=True)
     print(f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; "
           f"{len(train_set)} train / " + (f"{len(val_set)} validation / " if val_set is not None else "")
           + f"{len(test_set)} test images, {num_classes} classes; "
@@ -960,7 +1080,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def get_args_parser(add_help=True):
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="fill in a paper's hyper-parameters")
+    p.add_argument("--recipe", choices=sorted(RECIPES) + ["none"],
+                   help="fill in a paper's hyper-parameters (default: the recipe whose setup matches "
+                        "--dataset, --loss and --model, if any; none: no recipe)")
     # model
     p.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES)
     p.add_argument("--block", default="post", choices=["post", "preact"],
@@ -1095,19 +1217,177 @@ def get_args_parser(add_help=True):
     return p
 
 
+# ----------------------------------------------------------------------------------
+# Paper recipes by default, and which flag applies when
+# ----------------------------------------------------------------------------------
+# The setup each recipe was published for. Without --recipe, a run whose --dataset,
+# --loss and --model fall in one of these gets that recipe's hyper-parameters
+# (flags you pass still win; --recipe none turns this off). The setup's own keys
+# are never taken from the recipe: your --loss ce on LFW stays CE.
+RECIPE_SETUPS = {
+    "seed001-cifar10": dict(dataset=("cifar10",), loss=("ce",), model=("resnet32",)),
+    "lfw-joint": dict(dataset=("lfw",), loss=("joint", "center", "ce"), model=("resnet34", "mobilenet_v2")),
+    "cub-joint": dict(dataset=("cub",), loss=("joint", "center", "ce"), model=("resnet34", "mobilenet_v2")),
+    "hybrid-sc-cifar10lt": dict(dataset=("cifar10",), loss=("hybrid-sc",), model=("resnet32",)),
+    "hybrid-psc-cifar10lt": dict(dataset=("cifar10",), loss=("hybrid-psc", "hybrid-mpsc"), model=("resnet32",)),
+    "hybrid-sc-cifar100lt": dict(dataset=("cifar100",), loss=("hybrid-sc",), model=("resnet32",)),
+    "hybrid-psc-cifar100lt": dict(dataset=("cifar100",), loss=("hybrid-psc", "hybrid-mpsc"), model=("resnet32",)),
+    "hybrid-inat": dict(dataset=("inat",), loss=("hybrid-sc",), model=("resnet50",)),
+    "mksmt-cub": dict(dataset=("cub",), loss=("mksmt",), model=models.SWINS),
+    "mksmt-nabirds": dict(dataset=("nabirds",), loss=("mksmt",), model=models.SWINS),
+    "mksmt-dogs": dict(dataset=("dogs",), loss=("mksmt",), model=models.SWINS),
+}
+
+
+def matching_recipe(args):
+    """The recipe whose setup holds args' dataset, loss and model, or None."""
+    for name, setup in RECIPE_SETUPS.items():
+        if all(getattr(args, key) in values for key, values in setup.items()):
+            return name
+    return None
+
+
+# When a flag applies: (what it needs, in words; test on the resolved arguments).
+_FILE_DATASETS = ("imagefolder", "lfw", "cub", "inat", "nabirds", "dogs")
+WHEN = {
+    "center": ("--loss joint or center", lambda a: a.loss in ("joint", "center")),
+    "joint": ("--loss joint", lambda a: a.loss == "joint"),
+    "wen": ("--loss center", lambda a: a.loss == "center"),
+    "hybrid": ("--loss hybrid-sc, hybrid-psc or hybrid-mpsc", lambda a: a.loss in HYBRID_LOSSES),
+    "psc": ("--loss hybrid-psc or hybrid-mpsc", lambda a: a.loss in ("hybrid-psc", "hybrid-mpsc")),
+    "mpsc": ("--loss hybrid-mpsc", lambda a: a.loss == "hybrid-mpsc"),
+    "alpha": ("a hybrid --loss with --alpha-schedule const",
+              lambda a: a.loss in HYBRID_LOSSES and a.alpha_schedule == "const"),
+    "mksmt": ("--loss mksmt", lambda a: a.loss == "mksmt"),
+    "kd": ("--loss mksmt with --kd decision or feature", lambda a: a.loss == "mksmt" and a.kd != "none"),
+    "decision_kd": ("--loss mksmt with --kd decision", lambda a: a.loss == "mksmt" and a.kd == "decision"),
+    "kd_exec": ("--loss mksmt with --multistep 2 or 3 and --kd decision or feature",
+                lambda a: a.loss == "mksmt" and a.multistep > 1 and a.kd != "none"),
+    "deep_sup": ("--deep-sup S", lambda a: bool(a.deep_sup)),
+    "aux_stop": ("--deep-sup S with --aux-decay step", lambda a: bool(a.deep_sup) and a.aux_decay == "step"),
+    "probe": ("--probe-gradients N", lambda a: a.probe_gradients > 0),
+    "cifar_resnet": ("a CIFAR ResNet --model (" + ", ".join(models.CIFAR_RESNETS) + ")",
+                     lambda a: a.model in models.CIFAR_RESNETS),
+    "plain": ("a plain --model (" + ", ".join(models.PLAIN_NETS) + ")", lambda a: a.model in models.PLAIN_NETS),
+    "lfw": ("--dataset lfw", lambda a: a.dataset == "lfw"),
+    "cub": ("--dataset cub", lambda a: a.dataset == "cub"),
+    "small": ("--dataset cifar10, cifar100 or npz", lambda a: a.dataset in ("cifar10", "cifar100", "npz")),
+    "download": ("--dataset cifar10 or cifar100", lambda a: a.dataset in ("cifar10", "cifar100")),
+    "files": ("a file-based --dataset (" + ", ".join(_FILE_DATASETS) + ")", lambda a: a.dataset in _FILE_DATASETS),
+    "split": ("--dataset lfw or cub, --imbalance-ratio or --val-split",
+              lambda a: a.dataset in ("lfw", "cub") or a.imbalance_ratio is not None or a.val_split > 0),
+    "warmup": ("--warmup-iters N > 0", lambda a: a.warmup_iters > 0),
+    "milestones": ("--milestones", lambda a: bool(a.milestones)),
+    "epochs": ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0),
+    "distributed": ("torchrun (WORLD_SIZE > 1)", lambda a: int(os.environ.get("WORLD_SIZE", 1)) > 1),
+}
+# Valid ranges: (in words, test on the value).
+POSITIVE = ("> 0", lambda v: v > 0)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+AT_LEAST_1 = (">= 1", lambda v: v >= 1)
+AT_LEAST_2 = (">= 2", lambda v: v >= 2)
+UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_ONE = ("in [0, 1)", lambda v: 0 <= v < 1)
+GAMMA = ("in (0, 1]", lambda v: 0 < v <= 1)
+SEED = ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32)
+IMAGE_SIDE = (">= 16", lambda v: v >= 16)
+STAGES = ("stage indices >= 0 in increasing order", lambda v: all(x >= 0 for x in v) and v == sorted(set(v)))
+STEPS = ("numbers >= 0 in increasing order", lambda v: all(x >= 0 for x in v) and v == sorted(v))
+
+# Every flag of get_args_parser(): dest -> (WHEN key or None for "always", range or None).
+FLAG_RULES = {
+    "recipe": (None, None), "model": (None, None), "block": ("cifar_resnet", None),
+    "shortcut": ("cifar_resnet", None), "pretrained": (None, None), "weights": (None, None),
+    "plain_init": ("plain", None),
+    "deep_sup": (None, STAGES), "aux_weight": ("deep_sup", NON_NEGATIVE), "aux_decay": ("deep_sup", None),
+    "aux_stop": ("aux_stop", NON_NEGATIVE), "aux_dropout": ("deep_sup", BELOW_ONE),
+    "probe_gradients": (None, NON_NEGATIVE), "probe_threshold": ("probe", POSITIVE),
+    "loss": (None, None), "lam": ("center", NON_NEGATIVE), "delta": ("joint", POSITIVE),
+    "ctc_reduction": ("center", None), "center_lr": ("center", POSITIVE), "center_momentum": ("center", BELOW_ONE),
+    "center_update": ("wen", None), "center_lr_schedule": ("center", None),
+    "tau": ("hybrid", POSITIVE), "alpha_schedule": ("hybrid", None), "alpha": ("alpha", UNIT),
+    "projection_dim": ("hybrid", AT_LEAST_1), "num_prototypes": ("psc", AT_LEAST_1),
+    "prototype_weights": ("mpsc", None), "psc_include_positive": ("psc", None),
+    "heads": ("mksmt", STAGES), "head_width": ("mksmt", AT_LEAST_1), "multistep": ("mksmt", None),
+    "kd": ("mksmt", None), "kd_exec": ("kd_exec", None), "temperature": ("decision_kd", POSITIVE),
+    "lambda1": ("mksmt", NON_NEGATIVE), "lambda2": ("kd", NON_NEGATIVE), "kd_no_detach": ("kd", None),
+    "kd_no_t2": ("decision_kd", None),
+    "dataset": (None, None), "data_path": (None, None), "download": ("download", None),
+    "image_size": (None, IMAGE_SIDE), "normalize": (None, None), "lfw_top_k": ("lfw", AT_LEAST_2),
+    "cub_classes": ("cub", AT_LEAST_2), "split_seed": ("split", SEED), "val_split": (None, BELOW_ONE),
+    "imbalance_ratio": ("small", AT_LEAST_1), "many_threshold": (None, NON_NEGATIVE),
+    "few_threshold": (None, NON_NEGATIVE), "workers": (None, NON_NEGATIVE), "loader": (None, None),
+    "epochs": ("epochs", AT_LEAST_1), "iters": (None, NON_NEGATIVE), "batch_size": (None, AT_LEAST_1),
+    "eval_batch_size": (None, NON_NEGATIVE), "lr": (None, POSITIVE), "momentum": (None, BELOW_ONE),
+    "wd": (None, NON_NEGATIVE), "milestones": (None, STEPS), "milestone_unit": ("milestones", None),
+    "gamma": ("milestones", GAMMA), "warmup_iters": (None, NON_NEGATIVE), "warmup_lr": ("warmup", POSITIVE),
+    "seed": (None, SEED), "device": (None, None), "amp": (None, None), "channels_last": (None, None),
+    "compile": (None, None), "sync_bn": ("distributed", None), "output_dir": (None, None),
+    "eval_every": (None, AT_LEAST_1), "print_freq": (None, AT_LEAST_1), "resume": (None, None),
+    "save_every": (None, NON_NEGATIVE), "skip_nonfinite": (None, NON_NEGATIVE), "skip_corrupt": ("files", None),
+    "deterministic": (None, None), "debug": (None, None),
+}
+
+
+def option_names(parser):
+    """dest -> the flag as typed (lam -> --lambda)."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def explicit_dests(argv):
+    """The dests of the flags actually typed in ``argv`` (not defaults, not a recipe's)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def flag_problem(args, explicit, names):
+    """The first problem of FLAG_RULES, as one line, or None: a flag typed although
+    this run does not use it, or any value out of its range."""
+    for dest, (when, valid) in FLAG_RULES.items():
+        if dest in explicit and when is not None and not WHEN[when][1](args):
+            return f"{names[dest]} applies only with {WHEN[when][0]}; drop it or change the run"
+        value = getattr(args, dest)
+        if valid is not None and value is not None and not valid[1](value):
+            return f"{names[dest]} must be {valid[0]}, got {value}"
+    return None
+
+
 def parse_args(argv=None):
-    """Parse twice so a --recipe's values become defaults that explicit flags override."""
+    """Parse, apply the recipe (--recipe NAME, or the one whose setup matches), parse
+    again so explicit flags override it, then check every flag against FLAG_RULES.
+    A problem is one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.recipe:
-        parser.set_defaults(**RECIPES[args.recipe])
+    recipe, matched = args.recipe, False
+    if recipe is None:
+        recipe, matched = matching_recipe(args), True
+    if recipe not in (None, "none"):
+        values = RECIPES[recipe]
+        if matched:  # the setup stays yours
+            values = {k: v for k, v in values.items() if k not in RECIPE_SETUPS[recipe]}
+        parser.set_defaults(**values)
         args = parser.parse_args(argv)
+    args.recipe, args.recipe_matched = recipe or "none", matched and recipe is not None
+    explicit = explicit_dests(argv)
     if args.lam is None:
         args.lam = 0.003 if args.loss == "center" else 1.0
     if args.num_prototypes is None:
         args.num_prototypes = 4 if args.loss == "hybrid-mpsc" else 1
+    problem = flag_problem(args, explicit, option_names(parser))
+    if problem:
+        parser.error(problem + (f" (recipe {args.recipe} applies to this setup; --recipe none turns it off)"
+                                if args.recipe_matched else ""))
+    # rules between flags
     if args.loss == "hybrid-psc" and args.num_prototypes != 1:
         parser.error("--loss hybrid-psc has one prototype per class; use --loss hybrid-mpsc for more")
+    if args.few_threshold > args.many_threshold:
+        parser.error(f"--few-threshold {args.few_threshold} is above --many-threshold {args.many_threshold}")
+    if args.amp == "fp16" and args.loss == "center" and args.center_update == "wen":
+        parser.error("--amp fp16 scales the loss, which would shrink Wen's center step (Eq. 4) by the scale; "
+                     "use --amp bf16 or --center-update autograd")
     if args.loss == "mksmt":
         if args.heads is None:  # the last two stages (three for --multistep 3)
             num_stages = 3 if args.model in models.CIFAR_RESNETS or args.model in models.PLAIN_NETS else 4
@@ -1119,19 +1399,31 @@ def parse_args(argv=None):
             parser.error("self-distillation needs at least two --heads (a teacher and a student)")
         if args.deep_sup or args.probe_gradients:
             parser.error("--loss mksmt does not combine with --deep-sup / --probe-gradients")
-    elif args.heads is not None:
-        parser.error("--heads belongs to --loss mksmt")
     if args.loss in HYBRID_LOSSES and args.probe_gradients:
         parser.error("--probe-gradients works with --loss ce / center / joint, not with a hybrid loss")
-    if args.imbalance_ratio is not None and args.imbalance_ratio < 1:
-        parser.error("--imbalance-ratio must be >= 1 (n_max / n_min)")
-    for name in ("epochs", "batch_size", "print_freq", "eval_every"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("iters", "workers", "save_every", "skip_nonfinite"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
     return args
+
+
+def config_line(args):
+    """The recipe and the flags that differ from the parser's defaults, in one line."""
+    defaults = vars(get_args_parser().parse_args([]))
+    defaults.update(lam=0.003 if args.loss == "center" else 1.0,  # as parse_args resolves them
+                    num_prototypes=4 if args.loss == "hybrid-mpsc" else 1)
+    names = option_names(get_args_parser())
+    changed = []
+    for dest, value in vars(args).items():
+        when = FLAG_RULES.get(dest, (None, None))[0]
+        if dest in ("recipe", "output_dir") or dest not in names or value == defaults.get(dest) \
+                or (when is not None and not WHEN[when][1](args)):  # unused by this run
+            continue
+        if isinstance(value, bool):
+            changed.append(names[dest])
+        else:
+            shown = (" ".join(map(str, value)) or "(none)") if isinstance(value, list) else value
+            changed.append(f"{names[dest]} {shown}")
+    recipe = args.recipe + (" (matched the setup; --recipe none turns it off)" if args.recipe_matched else "")
+    return f"config: recipe {recipe}; " + (" ".join(changed) or "all defaults") + \
+        f"; the full configuration is in {os.path.join(args.output_dir, 'config.json')}"
 
 
 def one_line(error):

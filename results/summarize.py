@@ -10,6 +10,10 @@
 2. Gradient probes (results/probe-*/gradient_probe.csv): per stage, how many conv /
    linear layers have a mean |grad| (averaged over the probe's iterations) below
    1e-7, and the median of those means.
+3. The seed-000 LFW study (results/lfw-study/, issue 15): the lambda sweeps on the
+   validation split, then CE / joint / center on the full training set (test set,
+   last epoch), and the difference of means with its standard error; with
+   matplotlib, the plots lfw_study_lambda.png and lfw_study_curves.png.
 """
 import glob
 import json
@@ -61,7 +65,7 @@ def hybrid_table(groups):
         if setting.startswith("hybrid-"):
             cells = []
             for key in ("test_top1", "test_many_top1", "test_medium_top1", "test_few_top1"):
-                values = [r[key] for r in rows if key in r and r[key] == r[key]]  # NaN: an empty group
+                values = [r[key] for r in rows if r.get(key) is not None and r[key] == r[key]]  # null / NaN: empty group
                 cells.append(mean_std(values) if values else "-")
             print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
 
@@ -98,6 +102,93 @@ def probe_table(threshold=1e-7):
                   f"{statistics.median(means):.1e} |")
 
 
+LFW = os.path.join(HERE, "lfw-study")
+
+
+def lfw_study_table():
+    """Sweep (validation split, seed 0) and final (test, 3 seeds) tables of issue 15."""
+    sweeps = {}
+    for path in sorted(glob.glob(os.path.join(LFW, "sweep-*-lam*", "metrics.jsonl"))):
+        loss, lam = re.match(r"sweep-(\w+)-lam([0-9.e-]+)$", os.path.basename(os.path.dirname(path))).groups()
+        row = last_row(os.path.dirname(path))
+        sweeps.setdefault(loss, []).append((float(lam), row))
+    print("\n| loss | lambda | epochs | val top-1 (%) | val balanced top-1 (%) |")
+    print("|---|---|---|---|---|")
+    for loss, runs in sweeps.items():
+        best = max(runs, key=lambda r: r[1]["val_top1"])[0]
+        for lam, row in sorted(runs, key=lambda r: r[0]):
+            mark = " (chosen)" if lam == best else ""
+            print(f"| {loss} | {lam:g}{mark} | {row['epoch'] + 1} | {row['val_top1']:.2f} | "
+                  f"{row['val_balanced_top1']:.2f} |")
+    finals = {}
+    for path in sorted(glob.glob(os.path.join(LFW, "final-*-seed*", "metrics.jsonl"))):
+        run_dir = os.path.dirname(path)
+        loss = re.match(r"final-(\w+)-seed\d+$", os.path.basename(run_dir)).group(1)
+        config = json.load(open(os.path.join(run_dir, "config.json")))
+        finals.setdefault(loss, []).append((config["lam"] if loss != "ce" else None, last_row(run_dir)))
+    paper = {"ce": "93.16", "joint": "95.17", "center": "-"}
+    print("\n| method | lambda | seeds | epochs | test top-1 (%) | test top-5 (%) | balanced top-1 (%) | paper top-1 (224 px, ResNet-34, 300 epochs) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for loss in ("ce", "joint", "center"):
+        runs = finals.get(loss, [])
+        if not runs:
+            continue
+        rows = [r for _, r in runs]
+        lam = "-" if loss == "ce" else f"{runs[0][0]:g}"
+        cells = [mean_std([r[k] for r in rows]) for k in ("test_top1", "test_top5", "test_balanced_top1")]
+        print(f"| {loss} | {lam} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + f" | {paper[loss]} |")
+    ce = [r["test_top1"] for _, r in finals.get("ce", [])]
+    for loss in ("joint", "center"):
+        other = [r["test_top1"] for _, r in finals.get(loss, [])]
+        if len(ce) > 1 and len(other) > 1:
+            diff = statistics.mean(other) - statistics.mean(ce)
+            se = (statistics.variance(other) / len(other) + statistics.variance(ce) / len(ce)) ** 0.5
+            print(f"\n{loss} - ce: {diff:+.2f} points of test top-1, standard error {se:.2f} "
+                  f"(|difference| / SE = {abs(diff) / se:.1f})")
+    lfw_study_plots(sweeps)
+
+
+def lfw_study_plots(sweeps):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no LFW study plots)")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for loss, runs in sweeps.items():
+        runs = sorted(runs, key=lambda r: r[0])
+        ax.plot([lam for lam, _ in runs], [r["val_top1"] for _, r in runs], "o-", label=f"{loss} (val top-1)")
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("validation top-1 (%), last epoch")
+    ax.set_title("LFW top-20, ResNet-18 72 px, 30 epochs, seed 0")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "lfw_study_lambda.png"), dpi=120)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for loss in ("ce", "joint", "center"):
+        path = os.path.join(LFW, f"final-{loss}-seed0", "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        epochs = [r["epoch"] + 1 for r in rows]
+        ax_loss.plot(epochs, [r["train_ce"] for r in rows], "o-", label=f"{loss}: train CE")
+        ax_acc.plot(epochs, [r["test_top1"] for r in rows], "o-", label=f"{loss}: test top-1")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train CE (epoch mean)")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test top-1 (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    fig.suptitle("LFW top-20, seed 0: train and test curves")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "lfw_study_curves.png"), dpi=120)
+    print("wrote results/lfw_study_lambda.png, results/lfw_study_curves.png")
+
+
 if __name__ == "__main__":
     main()
     probe_table()
+    lfw_study_table()
