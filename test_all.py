@@ -6,6 +6,7 @@ equation (floats and ``math``, not tensors), in float64.
 """
 import argparse
 import concurrent.futures
+import copy
 import contextlib
 import io
 import json
@@ -411,6 +412,17 @@ def test_recipe_defaults_and_explicit_override():
     assert train.parse_args([]).recipe == "seed001-cifar10" and train.parse_args([]).iters == 80000
     bare = train.parse_args(["--recipe", "none"])
     assert (bare.recipe, bare.lr, bare.iters, bare.block, bare.epochs) == ("none", 0.1, 0, "post", 200)
+    lfw = ["--loss", "joint", "--model", "resnet34", "--dataset", "lfw", "--data-path", "x"]
+    args = train.parse_args(lfw)                            # the issue's command: the paper's LFW protocol
+    assert (args.recipe, args.recipe_matched, args.lr, args.batch_size, args.epochs, args.image_size) == \
+        ("lfw-joint", True, 0.01, 64, 300, 224)
+    ce = train.parse_args(lfw[2:] + ["--loss", "ce", "--lr", "0.02"])   # the setup stays yours, flags win
+    assert (ce.recipe, ce.loss, ce.lr, ce.batch_size) == ("lfw-joint", "ce", 0.02, 64)
+    assert train.parse_args(lfw + ["--recipe", "none"]).lr == 0.1
+    assert train.parse_args(lfw[:2] + ["--model", "resnet18"] + lfw[4:]).recipe == "none"  # not the paper's model
+    args.output_dir = "runs/x"
+    line = train.config_line(args)
+    assert line.startswith("config: recipe lfw-joint (matched") and "--lr 0.01" in line and "\n" not in line
 
 
 def test_seed001_schedule_and_constant_center_lr():
@@ -476,6 +488,21 @@ def _run(*argv, cwd=HERE):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
+def _reject_nan(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def _cli(argv):
+    """train.py's command line run in this process: (returncode, stdout, stderr) like subprocess.run."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train.cli(argv)
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def test_train_and_evaluate_end_to_end():
     with tmpdir() as d:
         npz = _write_npz(os.path.join(d, "t.npz"), n_train=48, n_test=24)
@@ -483,7 +510,7 @@ def test_train_and_evaluate_end_to_end():
         common = ["train.py", "--dataset", "npz", "--data-path", npz, "--model", "resnet20",
                   "--loss", "joint", "--batch-size", "16", "--workers", "0", "--epochs", "2",
                   "--milestones", "1", "--print-freq", "1", "--output-dir", out, "--device", "cpu"]
-        r = _run(*common)
+        r = _cli(common[1:])
         assert r.returncode == 0, r.stderr
         assert "img/s" in r.stdout and "eta" in r.stdout
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -496,10 +523,11 @@ def test_train_and_evaluate_end_to_end():
         r = _run("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json",
                  "--workers", "0", "--device", "cpu")
         assert r.returncode == 0, r.stderr
-        result = json.loads(r.stdout.strip().splitlines()[-1])
+        result = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=_reject_nan)   # strict JSON
         assert abs(result["top1"] - rows[-1]["test_top1"]) < 1e-9 and len(result["per_class"]) == 4
+        assert result["many_top1"] is None and result["few_top1"] is not None   # 12 images a class: all "few"
         # resume: a third epoch continues from the saved iteration
-        r = _run(*common, "--epochs", "3", "--resume", os.path.join(out, "checkpoint.pth"))
+        r = _cli(common[1:] + ["--epochs", "3", "--resume", os.path.join(out, "checkpoint.pth")])
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[-1]["iteration"] == 9
@@ -819,15 +847,48 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
 def test_nonfinite_loss_stops_with_the_term_or_is_skipped():
     with tmpdir() as d:
         npz = _write_npz(os.path.join(d, "t.npz"), n_train=32, n_test=8)
-        r = subprocess.run(_train_cmd(npz, os.path.join(d, "a"), "--lr", "1e30"), cwd=HERE,
-                           capture_output=True, text=True, timeout=240)
+        r = _cli(_train_cmd(npz, os.path.join(d, "a"), "--lr", "1e30")[2:])
         assert r.returncode == 3 and "Traceback" not in r.stderr
         assert re.search(r"non-finite loss \((ce|center|ce, center)\) at iteration \d+", r.stderr), r.stderr
-        r = subprocess.run(_train_cmd(npz, os.path.join(d, "b"), "--lr", "1e30", "--skip-nonfinite", "100"),
-                           cwd=HERE, capture_output=True, text=True, timeout=240)
+        assert not os.path.exists(os.path.join(d, "a", "checkpoint.pth"))   # none written after the bad step
+        r = _cli(_train_cmd(npz, os.path.join(d, "b"), "--lr", "1e30", "--skip-nonfinite", "100")[2:])
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in open(os.path.join(d, "b", "metrics.jsonl"))]
         assert rows[-1]["skipped_nonfinite"] > 0
+
+
+def test_nonfinite_step_changes_nothing_on_the_device():
+    """update() with a NaN loss: parameters, momentum buffers and centers stay bit-identical
+    (the fused SGD kernel's found_inf), and the flag it returns is a device tensor; the
+    next finite step applies, with the same numbers as SGD's own first step."""
+    args = train.parse_args(["--recipe", "none", "--loss", "joint"])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    criterion = train.build_criterion(args, 2, 2)
+    optimizer = train.build_optimizer(args, model, criterion)
+    assert optimizer.defaults["fused"]
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+    def joint_loss(scale):
+        logits = model(x) * scale
+        return criterion(logits, logits, y)[0]
+
+    before = {k: v.clone() for k, v in {**model.state_dict(), **criterion.state_dict()}.items()}
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    finite = train.update(optimizer, joint_loss(float("nan")))
+    assert isinstance(finite, torch.Tensor) and not finite
+    after = {**model.state_dict(), **criterion.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(b, optimizer.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
+    reference = copy.deepcopy(model)                          # plain SGD, its own first step
+    reference_sgd = torch.optim.SGD(reference.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.wd)
+    reference_logits = reference(x)                           # the same loss, before the centers move
+    (F.cross_entropy(reference_logits, y) + args.lam * criterion.center_loss(reference_logits, y)).backward()
+    reference_sgd.step()
+    assert train.update(optimizer, joint_loss(1.0))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6) and not torch.equal(p, before["weight" if p.dim() == 2 else "bias"])
 
 
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
@@ -848,7 +909,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
         a_file = os.path.join(d, "a_file")
         open(a_file, "w").close()
         old = os.path.join(d, "old")
-        subprocess.run(_train_cmd(good, old, "--epochs", "1"), cwd=HERE, capture_output=True, timeout=240)
+        _cli(_train_cmd(good, old, "--epochs", "1")[2:])
         foreign = os.path.join(d, "foreign.pth")
         torch.save({"hello": 1}, foreign)
         truncated = os.path.join(d, "truncated.pth")
@@ -886,18 +947,18 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
                     "--batch-size", "2"],
                    "--loader torch")]
 
-        def run_case(k):  # each case in its own output folder, two at a time (CI has 2 cores)
+        def run_case(k):  # each case in its own output folder, in this process (train.cli = the command line)
             argv = cases[k][0]
             out = os.path.join(d, f"out{k}")
-            return out, (_run("train.py", *argv, "--output-dir", out) if "--output-dir" not in argv
-                         else _run("train.py", *argv))
+            return out, _cli(argv + ["--output-dir", out] if "--output-dir" not in argv else argv)
 
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(run_case, range(len(cases))))
+        results = [run_case(k) for k in range(len(cases))]
         for (argv, fragment), (out, r) in zip(cases, results):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
             assert fragment in lines[0], (fragment, lines[0])
+            if fragment != broken:  # the error comes first and alone: no config line above it
+                assert "config:" not in r.stdout, r.stdout
             if fragment == broken:
                 assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
                 shutil.rmtree(out)
@@ -911,9 +972,9 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
                 except SystemExit as e:
                     assert e.code == 2
             assert len(stderr.getvalue().strip().splitlines()) == 1 and argv[0] in stderr.getvalue()
-        r = _run("train.py", "--dataset", "imagefolder", "--data-path", folder, "--image-size", "32",
-                 "--batch-size", "2", "--workers", "0", "--iters", "1", "--skip-corrupt",
-                 "--output-dir", os.path.join(d, "skip"))
+        r = _cli(["--dataset", "imagefolder", "--data-path", folder, "--image-size", "32",
+                  "--batch-size", "2", "--workers", "0", "--iters", "1", "--skip-corrupt",
+                  "--output-dir", os.path.join(d, "skip")])
         assert r.returncode == 0 and "dropped 1 unreadable images" in r.stdout, r.stderr
 
 
@@ -1688,7 +1749,9 @@ def test_recipes_and_flag_combinations():
     for argv, fragment in ((["--loss", "mksmt", "--multistep", "3", "--heads", "1,2"], "needs 3 --heads"),
                            (["--heads", "1,2"], "--heads applies only with --loss mksmt"),
                            (["--loss", "hybrid-psc", "--num-prototypes", "3"], "hybrid-mpsc"),
-                           (["--imbalance-ratio", "0.5"], ">= 1")):
+                           (["--imbalance-ratio", "0.5"], ">= 1"),
+                           (["--loss", "center", "--amp", "fp16"], "shrink Wen's center step"),
+                           (["--few-threshold", "200"], "above --many-threshold")):
         message = _parse_error(argv)
         assert fragment in message and message.count("\n") == 1, message
 

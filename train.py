@@ -1433,12 +1433,19 @@ def one_line(error):
     return last.split("DataError: ", 1)[-1]
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+def cli(argv=None):
+    """The command line: parse, train, and turn a DataError into one line on stderr
+    and exit code 2 (a bad flag already exits with 2 in parse_args). Returns the
+    exit code."""
+    arguments = parse_args(argv)
     try:
-        sys.exit(main(arguments))
+        return main(arguments)
     except data.DataError as e:
         if arguments.debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

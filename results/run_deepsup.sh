@@ -16,8 +16,10 @@ for seed in $seeds; do
   for ds in none 1; do
     out=results/deepsup-cifar10subset-$model-ds$ds-seed$seed
     flag=""; [ "$ds" != none ] && flag="--deep-sup $ds"
+    # --plain-init only for plain nets: train.py now rejects a flag the model does not use
+    case $model in plain*) flag="$flag --plain-init kaiming" ;; esac
     python train.py --dataset npz --data-path ../shared/data/cifar10_subset.npz --model $model \
-      --plain-init kaiming $flag --epochs 2 --milestones --lr 0.01 --batch-size 128 \
+      $flag --epochs 2 --milestones --lr 0.01 --batch-size 128 \
       --workers 0 --loader torch --eval-every 2 --print-freq 20 --seed $seed --output-dir $out > $out.log 2>&1
     echo "$out: $(tail -n 1 $out.log)"
   done
