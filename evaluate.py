@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint, strict_json,
-                   load_state_checked, make_test_loader, one_line, resolve_device)
+                   load_state_checked, make_test_loader, one_line, resolve_device, split_off_validation)
 from train import OneLineErrorParser, get_args_parser as train_args_parser
 
 
@@ -234,9 +234,7 @@ def main(args):
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
     train_set, test_set, num_classes = build_datasets_from_args(train_args)
-    if train_args.val_split:  # the many / medium / few groups count the images the model trained on
-        train_set, _ = data.validation_split(train_set, train_args.val_split, train_args.split_seed,
-                                             test_set.transform)
+    train_set, _ = split_off_validation(train_args, train_set, test_set)  # many / medium / few: what it trained on
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     test_loader = make_test_loader(test_set, args.batch_size, args.workers, device,  # on the device when it fits
                                    normalize=train_args.normalize or data.DEFAULT_NORMALIZE[train_args.dataset])

@@ -106,6 +106,14 @@ def build_datasets_from_args(args):
         imbalance_ratio=getattr(args, "imbalance_ratio", None))
 
 
+def split_off_validation(args, train_set, test_set):
+    """(training part, validation part or None): ``--val-split`` held out of the
+    training set with the test set's transform; the only set to select on."""
+    if not getattr(args, "val_split", 0):
+        return train_set, None
+    return data.validation_split(train_set, args.val_split, args.split_seed, test_set.transform)
+
+
 def build_model_from_args(args, num_classes, load_weights=True):
     return models.build_model(
         args.model, num_classes, image_size=args.image_size or 32, block=args.block,
@@ -523,6 +531,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
     meter = StepMeter(device, state["iteration"], state["epoch_sums"], state["epoch_count"],
                       state["skipped_nonfinite"])
     window_start, window_images = time.time(), 0
+    means, read_at = None, None  # the last read of the meter, and the iteration it was taken at
     for batch in loader:
         if args.compile in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be reused
@@ -539,7 +548,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         state["iteration"] += 1
         window_images += images.shape[0]
         if state["iteration"] % args.print_freq == 0 or state["iteration"] == state["total_iters"]:
-            means = check_steps(meter, state, args)
+            means, read_at = check_steps(meter, state, args), state["iteration"]
             now = time.time()
             done = state["iteration"] - state["start_iteration"]
             eta = (now - state["process_start"]) / done * (state["total_iters"] - state["iteration"])
@@ -559,6 +568,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
         if args.save_every and state["iteration"] % args.save_every == 0:
             check_steps(meter, state, args)
             save()
+    if read_at == state["iteration"]:  # the last window ended with the epoch: nothing new to read
+        return means
     return check_steps(meter, state, args)
 
 
@@ -924,9 +935,7 @@ def train(args, rank=0, world_size=1, device=None):
 
     # Everything that can reject the input runs before anything is written.
     train_set, test_set, num_classes = build_datasets_from_args(args)
-    val_set = None
-    if args.val_split:  # held out of the training set: the only set to select hyper-parameters on
-        train_set, val_set = data.validation_split(train_set, args.val_split, args.split_seed, test_set.transform)
+    train_set, val_set = split_off_validation(args, train_set, test_set)
     dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
     if args.skip_corrupt:
         print(f"--skip-corrupt: dropped {len(dropped)} unreadable images"
