@@ -515,7 +515,9 @@ def test_train_and_evaluate_end_to_end():
         assert "img/s" in r.stdout and "eta" in r.stdout
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert [row["epoch"] for row in rows] == [0, 1] and rows[-1]["iteration"] == 6
-        assert {"train_loss", "train_ce", "train_center", "test_top1", "test_top5", "lr", "seconds"} <= set(rows[0])
+        assert {"train_loss", "train_ce", "train_center", "train_top1", "test_top1", "test_top5", "lr",
+                "seconds"} <= set(rows[0])
+        assert all(0.0 <= row["train_top1"] <= 100.0 for row in rows)
         ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
         assert {"model", "optimizer", "scheduler", "criterion", "epoch", "iteration", "args"} <= set(ckpt)
         assert ckpt["criterion"]["center_loss.centers"].shape == (4, 64)
@@ -681,6 +683,14 @@ def test_deep_supervision_loss_is_main_plus_alpha_times_aux_ce():
     ce = sum(sum(-a[i, y[i]].item() + math.log(sum(math.exp(v) for v in a[i].tolist())) for i in range(3)) / 3
              for a in aux)
     assert abs(total.item() - (2.0 + 0.25 * ce)) < 1e-12 and abs(parts["aux"].item() - ce) < 1e-12
+
+
+def test_batch_top1_counts_the_final_head_on_the_ce_batch_only():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]])   # argmax 0, 1, 0
+    assert abs(train.batch_top1({"logits": logits}, torch.tensor([0, 0, 0])).item() - 200 / 3) < 1e-4
+    # hybrid: one contrastive pair (rows 0-1 are its two views), then a CE batch of one image (row 2)
+    assert train.batch_top1({"logits": logits}, (torch.tensor([1]), torch.tensor([0]))).item() == 100.0
+    assert train.batch_top1({"logits": logits}, (torch.tensor([0]), torch.tensor([1]))).item() == 0.0
 
 
 def test_aux_heads_do_not_change_the_logits():

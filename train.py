@@ -164,6 +164,19 @@ def compute_loss(criterion, out, labels, aux_weight=0.0, alpha=None):
     return loss, parts
 
 
+def batch_top1(out, labels):
+    """Top-1 (%) of the final head on this batch's CE images, a 0-dim tensor left on
+    the device (no sync): logged as train_top1, the epoch's running mean over the
+    augmented training batches, as torchvision's reference logs acc1. For the hybrid
+    losses ``out`` holds [contrastive views; CE batch] and ``labels`` is
+    (contrastive labels (B,), CE labels (B',)); only the CE batch counts."""
+    logits = out["logits"]                                  # (B, K) or (2B + B', K)
+    if isinstance(labels, (tuple, list)):
+        con_labels, labels = labels
+        logits = logits[2 * len(con_labels):]               # (B', K)
+    return (logits.argmax(dim=1) == labels).float().mean().detach() * 100.0
+
+
 def build_optimizer(args, model, criterion):
     """SGD over the network; the class centers get their own group: lr --center-lr
     (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD).
@@ -543,6 +556,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
                 out = model(images)
                 loss, parts = compute_loss(criterion, out, labels, state["aux_weight"], state["alpha"])
             finite = update(optimizer, loss, scaler)
+            parts = {**parts, "top1": batch_top1(out, labels)}
         meter.add(loss, parts, finite)
         scheduler.step()
         state["iteration"] += 1
