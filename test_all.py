@@ -1571,6 +1571,31 @@ def test_long_tailed_sizes_and_subset():
     assert all(base.targets[i] == t for i, t in zip(lt.indices, lt.targets))
 
 
+def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_set():
+    """--sampler class-balanced with CE: the batches' labels come out near uniform on a
+    9:1 set (instance sampling keeps 9:1), with both loaders."""
+    with tmpdir() as d:
+        y = np.array([0] * 180 + [1] * 20)
+        npz = _write_npz(os.path.join(d, "lt.npz"), n_train=200, y_train=y)
+        for loader in ("tensor", "torch"):
+            share = {}
+            for sampler in ("instance", "class-balanced"):
+                args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--batch-size", "50", "--workers",
+                                         "0", "--loader", loader, "--sampler", sampler, "--device", "cpu"])
+                train_set = train.build_datasets_from_args(args)[0]
+                batches, order = train.make_train_loader(args, train_set, torch.device("cpu"))
+                labels = []
+                for epoch in range(4):
+                    order.set_epoch(epoch)
+                    labels += [t for _, targets in batches for t in targets.tolist()]
+                assert len(labels) == 4 * 200
+                share[sampler] = labels.count(1) / len(labels)
+            assert share["instance"] == 0.1, share                  # every image once per epoch
+            assert abs(share["class-balanced"] - 0.5) < 0.06, share  # 800 draws: std 0.018
+    assert _try_parse(["--loss", "hybrid-sc", "--sampler", "class-balanced"])[1].startswith(
+        "error: --sampler applies only with")
+
+
 def test_class_balanced_sampler_balances_classes_and_resumes():
     targets = [0] * 600 + [1] * 60 + [2] * 6 + [4] * 1  # class 3 absent
     sampler = data.ClassBalancedSampler(targets, seed=3, num_samples=20000)

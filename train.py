@@ -724,11 +724,16 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1):
     seed of the batch. In a distributed run each process draws every
     ``world_size``-th sample.
 
+    ``--sampler class-balanced`` replaces the shuffled order with
+    ``data.ClassBalancedSampler`` (the CE baseline with balanced sampling alone).
+
     Hybrid losses (seed 003) read two streams per iteration: the contrastive
     branch takes instance-sampled images, two views each; the CE branch takes a
     class-balanced batch (``data.ClassBalancedSampler``) of single views. Both
     streams have len(train_set) // batch_size batches per epoch."""
     sampler = data.ResumableSampler(len(train_set), args.seed, world_size, rank)
+    if args.loss not in HYBRID_LOSSES and args.sampler == "class-balanced":
+        sampler = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
     normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
     tensor = use_tensor_loader(args, train_set)
     if tensor:
@@ -1147,6 +1152,10 @@ def get_args_parser(add_help=True):
                    help="--loss center: Wen et al.'s Eq. 4 center step, or the raw gradient")
     p.add_argument("--center-lr-schedule", action="store_true",
                    help="also apply warm-up/milestones to the centers' lr (default: constant)")
+    p.add_argument("--sampler", default="instance", choices=["instance", "class-balanced"],
+                   help="training images drawn once each per epoch in a shuffled order (instance), or "
+                        "class-balanced: a uniform class, then a uniform image of it, with replacement "
+                        "(the hybrid network's CE-branch sampler, here alone; as many draws per epoch)")
     # hybrid network (seed 003)
     p.add_argument("--tau", type=float, default=0.1,
                    help="temperature of SC / PSC (paper: 0.1; PSC on CIFAR-10: 1)")
@@ -1277,6 +1286,8 @@ WHEN = {
     "joint": ("--loss joint", lambda a: a.loss == "joint"),
     "wen": ("--loss center", lambda a: a.loss == "center"),
     "hybrid": ("--loss hybrid-sc, hybrid-psc or hybrid-mpsc", lambda a: a.loss in HYBRID_LOSSES),
+    "one_stream": ("a --loss other than hybrid-* (their CE branch is always class-balanced)",
+                   lambda a: a.loss not in HYBRID_LOSSES),
     "psc": ("--loss hybrid-psc or hybrid-mpsc", lambda a: a.loss in ("hybrid-psc", "hybrid-mpsc")),
     "mpsc": ("--loss hybrid-mpsc", lambda a: a.loss == "hybrid-mpsc"),
     "alpha": ("a hybrid --loss with --alpha-schedule const",
@@ -1328,7 +1339,7 @@ FLAG_RULES = {
     "loss": (None, None), "lam": ("center", NON_NEGATIVE), "delta": ("joint", POSITIVE),
     "ctc_reduction": ("center", None), "center_lr": ("center", POSITIVE), "center_momentum": ("center", BELOW_ONE),
     "center_update": ("wen", None), "center_lr_schedule": ("center", None),
-    "tau": ("hybrid", POSITIVE), "alpha_schedule": ("hybrid", None), "alpha": ("alpha", UNIT),
+    "sampler": ("one_stream", None), "tau": ("hybrid", POSITIVE), "alpha_schedule": ("hybrid", None), "alpha": ("alpha", UNIT),
     "projection_dim": ("hybrid", AT_LEAST_1), "num_prototypes": ("psc", AT_LEAST_1),
     "prototype_weights": ("mpsc", None), "psc_include_positive": ("psc", None),
     "heads": ("mksmt", STAGES), "head_width": ("mksmt", AT_LEAST_1), "multistep": ("mksmt", None),

@@ -14,6 +14,10 @@
    validation split, then CE / joint / center on the full training set (test set,
    last epoch), and the difference of means with its standard error; with
    matplotlib, the plots lfw_study_lambda.png and lfw_study_curves.png.
+4. The seed-004 deep-supervision study (results/deepsup-study/, issue 16): the lr
+   sweeps on the validation split, the gradient probes per stage, and the finals
+   with / without the auxiliary head (test top-1, last epoch; epochs until the
+   running train top-1 first reaches 50%); with matplotlib, deepsup_study_curves.png.
 """
 import glob
 import json
@@ -192,7 +196,137 @@ def lfw_study_plots(sweeps):
     print("wrote results/lfw_study_lambda.png, results/lfw_study_curves.png")
 
 
+DEEPSUP = os.path.join(HERE, "deepsup-study")
+TRAIN_TARGET = 50.0  # train top-1 (%) whose first crossing measures convergence speed; fixed before the runs
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def epochs_to(rows, key, target):
+    """First epoch (1-based) whose ``key`` reaches ``target``; None if never."""
+    return next((r["epoch"] + 1 for r in rows if r.get(key) is not None and r[key] >= target), None)
+
+
+def stage_medians(path, threshold=1e-7):
+    """{stage: (layers, layers below threshold, median over layers of the mean |grad|)}
+    of one gradient_probe.csv."""
+    import csv
+    per_layer = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            per_layer.setdefault((int(row["stage"]), row["layer"]), []).append(float(row["mean_abs_grad"]))
+    out = {}
+    for stage in sorted({s for s, _ in per_layer}):
+        means = [statistics.mean(v) for (s, _), v in per_layer.items() if s == stage]
+        out[stage] = (len(means), sum(m < threshold for m in means), statistics.median(means))
+    return out
+
+
+def deepsup_study_table():
+    """Issue 16: lr sweep (validation split), gradient probes, and the finals (test,
+    3 seeds) with / without the auxiliary head; plot of the train curves."""
+    sweeps = {}
+    for path in sorted(glob.glob(os.path.join(DEEPSUP, "sweep-*-lr*", "metrics.jsonl"))):
+        model, lr = re.match(r"sweep-(.+?)-lr([0-9.e-]+)$", os.path.basename(os.path.dirname(path))).groups()
+        sweeps.setdefault(model, []).append((float(lr), read_rows(os.path.dirname(path))))
+    if not sweeps:
+        return
+    print("\n| model | lr | epochs run | val top-1 (%) per epoch | train top-1 (%), last epoch |")
+    print("|---|---|---|---|---|")
+    for model in sorted(sweeps, key=lambda m: (m.endswith("kaiming"), m[:5], int(re.sub(r"\D", "", m)))):
+        runs = sorted(sweeps[model], key=lambda r: -r[0])
+        finished = [(lr, rows) for lr, rows in runs if rows and rows[-1]["epoch"] == 4]
+        best = max(finished, key=lambda r: r[1][-1]["val_top1"])[0] if finished else None
+        for lr, rows in runs:
+            mark = " (chosen)" if lr == best else ""
+            curve = ", ".join(f"{r['val_top1']:.1f}" for r in rows)
+            print(f"| {model} | {lr:g}{mark} | {len(rows)} | {curve} | {rows[-1]['train_top1']:.1f} |")
+    probes = sorted(glob.glob(os.path.join(DEEPSUP, "probe-*", "gradient_probe.csv")))
+    if probes:
+        print("\n| probe (20 iterations, seed 0) | stage | layers | layers < 1e-7 | median of the layers' mean abs grad |")
+        print("|---|---|---|---|---|")
+        for path in probes:
+            name = os.path.basename(os.path.dirname(path))
+            for stage, (n, below, median) in stage_medians(path).items():
+                print(f"| {name} | {stage} | {n} | {below} | {median:.1e} |")
+    finals = {}
+    for path in sorted(glob.glob(os.path.join(DEEPSUP, "final-*-seed*", "metrics.jsonl"))):
+        run_dir = os.path.dirname(path)
+        setting = re.sub(r"-seed\d+$", "", os.path.basename(run_dir))[len("final-"):]
+        rows = read_rows(run_dir)
+        epochs = json.load(open(os.path.join(run_dir, "config.json")))["epochs"]
+        if rows[-1]["epoch"] + 1 < epochs:
+            print(f"(unfinished, left out: {os.path.basename(run_dir)} at epoch {rows[-1]['epoch'] + 1} of {epochs})")
+            continue
+        finals.setdefault(setting, []).append(rows)
+    if not finals:
+        return
+    print(f"\n| model | aux head | seeds | test top-1 (%) | train top-1 (%) | epochs to {TRAIN_TARGET:g}% train top-1 "
+          "| aux head test top-1 (%) |")
+    print("|---|---|---|---|---|---|---|")
+    for setting, runs in finals.items():
+        model, ds = re.match(r"(.+?)-ds(.+)$", setting).groups()
+        last = [rows[-1] for rows in runs]
+        reach = [epochs_to(rows, "train_top1", TRAIN_TARGET) for rows in runs]
+        reached = [e for e in reach if e is not None]
+        speed = (", ".join(str(e) if e else "never" for e in reach)) if reached else "never"
+        aux = [v for r in last for k, v in r.items() if k.startswith("test_aux_top1")]
+        head = "none" if ds == "none" else f"after stage {ds.replace('-', ', ')}"
+        print(f"| {model} | {head} | {len(runs)} | {mean_std([r['test_top1'] for r in last])} | "
+              f"{mean_std([r['train_top1'] for r in last])} | {speed} | {mean_std(aux) if aux else '-'} |")
+    print()
+    for setting, runs in finals.items():
+        model, ds = re.match(r"(.+?)-ds(.+)$", setting).groups()
+        base = finals.get(f"{model}-dsnone")
+        if ds == "none" or not base or len(base) < 2 or len(runs) < 2:
+            continue
+        a, b = [r[-1]["test_top1"] for r in runs], [r[-1]["test_top1"] for r in base]
+        diff = statistics.mean(a) - statistics.mean(b)
+        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        ratio = f"{abs(diff) / se:.1f}" if se > 0 else "inf"
+        print(f"{model}, head after stage {ds} - no head: {diff:+.2f} points of test top-1, "
+              f"standard error {se:.2f} (|difference| / SE = {ratio})")
+    deepsup_study_plot(finals)
+
+
+def deepsup_study_plot(finals):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no deep-supervision plot)")
+        return
+    models = sorted({re.match(r"(.+?)-ds", s).group(1) for s in finals})
+    fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 6), squeeze=False)
+    for col, model in enumerate(models):
+        for setting, runs in sorted(finals.items()):
+            if not setting.startswith(model + "-ds"):
+                continue
+            ds = setting.split("-ds", 1)[1]
+            label = "no head" if ds == "none" else f"head after stage {ds}"
+            for i, rows in enumerate(runs):
+                epochs = [r["epoch"] + 1 for r in rows]
+                kwargs = {"label": label} if i == 0 else {}
+                color = {"none": "C0", "0": "C2"}.get(ds, "C1")
+                axes[0][col].plot(epochs, [r["train_ce"] for r in rows], "-", color=color, alpha=0.7, **kwargs)
+                axes[1][col].plot(epochs, [r["test_top1"] for r in rows], "-", color=color, alpha=0.7, **kwargs)
+        axes[0][col].set_title(model)
+        axes[0][col].set_ylabel("train CE of the final head")
+        axes[1][col].set_ylabel("test top-1 (%)")
+        axes[1][col].set_xlabel("epoch")
+        axes[0][col].legend(fontsize=7)
+    fig.suptitle("Deep supervision, CIFAR-10 subset, 10 epochs, one line per seed")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "deepsup_study_curves.png"), dpi=120)
+    print("wrote results/deepsup_study_curves.png")
+
+
 if __name__ == "__main__":
     main()
     probe_table()
     lfw_study_table()
+    deepsup_study_table()
