@@ -230,6 +230,12 @@ def main(args):
     defaults = vars(train_args_parser().parse_args([]))  # for flags newer than the checkpoint
     train_args = SimpleNamespace(**{**defaults, **ckpt["args"]})
     train_args.download = False
+    for name in ("many_threshold", "few_threshold"):  # regroup without retraining
+        if getattr(args, name) is not None:
+            setattr(train_args, name, getattr(args, name))
+    if train_args.few_threshold > train_args.many_threshold:
+        raise data.DataError(f"few threshold {train_args.few_threshold} is above many threshold "
+                             f"{train_args.many_threshold}")
     if args.data_path:
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
@@ -253,7 +259,9 @@ def main(args):
         result["complexity"] = report_complexity(train_args, num_classes,
                                                  train_args.image_size or (32 if small else 224))
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
-    result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"])
+    result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"],
+                  train_counts=dict(zip(test_set.classes, train_counts)),
+                  many_threshold=train_args.many_threshold, few_threshold=train_args.few_threshold)
     if args.json:
         print(json.dumps(strict_json(result), allow_nan=False))
     else:
@@ -290,6 +298,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", action="store_true", help="draw metrics.jsonl curves to PNG (matplotlib)")
+    p.add_argument("--many-threshold", type=float,
+                   help="many-shot: more training images than this (default: the training run's)")
+    p.add_argument("--few-threshold", type=float,
+                   help="few-shot: fewer training images than this (default: the training run's)")
     p.add_argument("--flip", choices=["h", "v"], help="evaluate on horizontally / vertically flipped test images")
     p.add_argument("--complexity", action="store_true",
                    help="parameters and FLOPs of the backbone alone vs the trained model (with its heads)")

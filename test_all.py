@@ -1667,6 +1667,20 @@ def test_hybrid_training_many_medium_few_and_resume():
             assert rows[-1]["train_con"] > 0 and "train_ce" in rows[-1]
         ckpt = torch.load(os.path.join(d, "hybrid-mpsc", "checkpoint.pth"), weights_only=True)
         assert ckpt["criterion"]["contrastive.prototypes"].shape == (4 * 4, 128)
+        # evaluate.py regroups the same checkpoint under other thresholds; the groups follow the train counts
+        for many, few in ((8, 5), (3, 2)):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert evaluate.main(evaluate.get_args_parser().parse_args(
+                    ["--checkpoint", os.path.join(d, "hybrid-mpsc", "checkpoint.pth"), "--json", "--workers", "0",
+                     "--device", "cpu", "--many-threshold", str(many), "--few-threshold", str(few)])) == 0
+            result = json.loads(out.getvalue())
+            counts, acc = list(result["train_counts"].values()), list(result["per_class"].values())
+            assert counts == [12, 7, 4, 3], counts  # 12 per class cut at ratio 4: 12 * 4^(-i/3)
+            for group, keep in (("many", lambda n: n > many), ("few", lambda n: n < few)):
+                members = [a for n, a in zip(counts, acc) if keep(n)]
+                expected = sum(members) / len(members) if members else None
+                assert result[f"{group}_top1"] == expected or abs(result[f"{group}_top1"] - expected) < 1e-9
         # interrupted after iteration 3 and resumed: the same final weights as the uninterrupted run
         cut = os.path.join(d, "cut")
         args = common + ["--loss", "hybrid-sc", "--output-dir", cut]

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 17 (seed 003 study): hybrid network vs CE on the CIFAR-10 subset made long-tailed,
+# at an informative CPU budget. README section "Seed 003 study" (once the runs are in).
+#
+#   bash results/run_hybrid_study.sh METHOD BETA SEED...     # METHOD: ce, ce-balanced, sc, psc
+#
+# Data: the CIFAR-10 subset (1,000 training images per class) cut to n_i = 1000 * beta^(-i/9)
+# (--imbalance-ratio beta: 2,478 images at beta 100, 4,084 at beta 10); the 10,000 test images.
+# Budget (every run alike): ResNet-32, 30 epochs, batch 128 per stream, lr 0.125 (the paper's
+# 0.5 at batch 512, scaled linearly), /10 after epochs 18 and 24 (the paper's 120 / 160 of 200:
+# 60% and 80%), momentum 0.9, wd 1e-4, alpha = 1 - (t/30)^2 over the whole run; tau 0.1 (SC)
+# and 1 (PSC), the paper's CIFAR-10 values. Nothing is tuned: every value is the paper's
+# (scaled), so no validation split is needed.
+# ce-balanced: plain CE with the class-balanced sampler alone (--sampler class-balanced), to
+# separate "the contrastive branch helps" from "balanced sampling helps".
+# Many / medium / few: --many-threshold 200 --few-threshold 40, the usual > 100 / < 20 of
+# CIFAR-100-LT (n_max = 500: n_max / 5 and n_max / 25) scaled to n_max = 1000. At beta 100 that
+# gives 4 / 3 / 3 classes (at beta 10: 7 / 3 / 0). The paper's own thresholds regroup the same
+# checkpoint with evaluate.py --many-threshold 100 --few-threshold 20 (<run>-paper-thresholds.json).
+# One torch thread per run (OMP_NUM_THREADS=1), two runs side by side. EPOCHS=N overrides the
+# length (smoke tests only).
+set -u
+cd "$(dirname "$0")/.."
+DATA=${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}
+OUT=results/hybrid-study
+export OMP_NUM_THREADS=1
+epochs=${EPOCHS:-30}
+steps=($((epochs * 6 / 10)) $((epochs * 8 / 10)))
+method=$1; beta=$2; shift 2
+case $method in
+  ce) extra=(--loss ce) ;;
+  ce-balanced) extra=(--loss ce --sampler class-balanced) ;;
+  sc) extra=(--loss hybrid-sc --tau 0.1) ;;
+  psc) extra=(--loss hybrid-psc --tau 1.0) ;;
+  *) echo "unknown method $method" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT"
+echo "commit $(git rev-parse HEAD)"
+for seed in "$@"; do
+  out=$OUT/lt$beta-$method-seed$seed
+  python train.py --dataset npz --data-path "$DATA" --imbalance-ratio "$beta" --model resnet32 "${extra[@]}" \
+    --epochs "$epochs" --milestones "${steps[@]}" --lr 0.125 --batch-size 128 --momentum 0.9 --wd 1e-4 \
+    --many-threshold 200 --few-threshold 40 --workers 0 --eval-every 5 --eval-batch-size 500 --print-freq 10 \
+    --seed "$seed" --output-dir "$out" --resume auto > "$out.log" 2>&1
+  echo "$out (exit $?): $(tail -n 1 "$out.log")"
+  python evaluate.py --checkpoint "$out/checkpoint.pth" --many-threshold 100 --few-threshold 20 --json \
+    --workers 0 --batch-size 500 > "$out-paper-thresholds.json" 2> "$out-paper-thresholds.err"
+done
