@@ -2376,7 +2376,7 @@ def test_reproduce_commands_pass_only_flags_that_apply_and_smoke_only_appends():
     ce = next(r for r in full if (r.setup, r.config.name) == ("hybrid-lt", "ce"))
     assert resolved[ce.dir].loss == "ce" and resolved[ce.dir].batch_size == 512 and resolved[ce.dir].lr == 0.5
     plain = next(r for r in full if r.config.name == "plain56-ds1")
-    assert resolved[plain.dir].deep_sup == [1] and resolved[plain.dir].lr == 0.01
+    assert resolved[plain.dir].deep_sup == [1] and resolved[plain.dir].lr == 0.001
     assert resolved[plain.dir].milestones == [32000, 48000] and resolved[plain.dir].milestone_unit == "iter"
 
 
