@@ -17,7 +17,7 @@
 4. The seed-004 deep-supervision study (results/deepsup-study/, issue 16): the lr
    sweeps on the validation split, the gradient probes per stage, and the finals
    with / without the auxiliary head (test top-1, last epoch; epochs until the
-   running train top-1 first reaches 50%); with matplotlib, deepsup_study_curves.png.
+   running train top-1 first reaches 25% and 50%); with matplotlib, deepsup_study_curves.png.
 """
 import glob
 import json
@@ -31,6 +31,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def last_row(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()][-1]
+
+
+def difference(a, b):
+    """mean(a) - mean(b) of test top-1, with the standard error of that difference."""
+    diff = statistics.mean(a) - statistics.mean(b)
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    ratio = f"{abs(diff) / se:.1f}" if se > 0 else ("no spread, no difference" if diff == 0 else "inf")
+    return f"{diff:+.2f} points of test top-1, standard error {se:.2f} (|difference| / SE = {ratio})"
+
+
+def pyplot(what):
+    """matplotlib.pyplot (Agg backend), or None with a note when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no {what})")
+        return None
+    return plt
 
 
 def mean_std(values):
@@ -149,20 +169,13 @@ def lfw_study_table():
     for loss in ("joint", "center"):
         other = [r["test_top1"] for _, r in finals.get(loss, [])]
         if len(ce) > 1 and len(other) > 1:
-            diff = statistics.mean(other) - statistics.mean(ce)
-            se = (statistics.variance(other) / len(other) + statistics.variance(ce) / len(ce)) ** 0.5
-            print(f"\n{loss} - ce: {diff:+.2f} points of test top-1, standard error {se:.2f} "
-                  f"(|difference| / SE = {abs(diff) / se:.1f})")
+            print(f"\n{loss} - ce: {difference(other, ce)}")
     lfw_study_plots(sweeps)
 
 
 def lfw_study_plots(sweeps):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no LFW study plots)")
+    plt = pyplot("LFW study plots")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for loss, runs in sweeps.items():
@@ -321,22 +334,14 @@ def deepsup_study_table():
         base = finals.get(f"{model}-dsnone")
         if ds == "none" or not base or len(base) < 2 or len(runs) < 2:
             continue
-        a, b = [r[-1]["test_top1"] for r in runs], [r[-1]["test_top1"] for r in base]
-        diff = statistics.mean(a) - statistics.mean(b)
-        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        ratio = f"{abs(diff) / se:.1f}" if se > 0 else ("no spread, no difference" if diff == 0 else "inf")
-        print(f"{net_label(model)}, head after stage {ds} - no head: {diff:+.2f} points of test top-1, "
-              f"standard error {se:.2f} (|difference| / SE = {ratio})")
+        print(f"{net_label(model)}, head after stage {ds} - no head: "
+              + difference([r[-1]["test_top1"] for r in runs], [r[-1]["test_top1"] for r in base]))
     deepsup_study_plot(finals)
 
 
 def deepsup_study_plot(finals):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no deep-supervision plot)")
+    plt = pyplot("deep-supervision plot")
+    if plt is None:
         return
     models = sorted({re.match(r"(.+?)-ds", s).group(1) for s in finals})
     fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 6), squeeze=False)
