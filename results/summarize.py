@@ -28,9 +28,13 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def last_row(run_dir):
+def read_rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()][-1]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last_row(run_dir):
+    return read_rows(run_dir)[-1]
 
 
 def difference(a, b):
@@ -111,19 +115,12 @@ def mksmt_table(groups):
 
 
 def probe_table(threshold=1e-7):
-    import csv
     print("\n| probe | stage | layers | layers < 1e-7 | median mean abs grad |")
     print("|---|---|---|---|---|")
     for path in sorted(glob.glob(os.path.join(HERE, "probe-*", "gradient_probe.csv"))):
-        per_layer = {}
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                per_layer.setdefault((int(row["stage"]), row["layer"]), []).append(float(row["mean_abs_grad"]))
         name = os.path.basename(os.path.dirname(path))
-        for stage in sorted({s for s, _ in per_layer}):
-            means = [statistics.mean(v) for (s, _), v in per_layer.items() if s == stage]
-            print(f"| {name} | {stage} | {len(means)} | {sum(m < threshold for m in means)} | "
-                  f"{statistics.median(means):.1e} |")
+        for stage, (n, below, median) in stage_medians(path, threshold).items():
+            print(f"| {name} | {stage} | {n} | {below} | {median:.1e} |")
 
 
 LFW = os.path.join(HERE, "lfw-study")
@@ -215,11 +212,6 @@ DEEPSUP = os.path.join(HERE, "deepsup-study")
 TRAIN_TARGETS = (25.0, 50.0)
 
 
-def read_rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def epochs_to(rows, key, target):
     """First epoch (1-based) whose ``key`` reaches ``target``; None if never."""
     return next((r["epoch"] + 1 for r in rows if r.get(key) is not None and r[key] >= target), None)
@@ -247,6 +239,25 @@ def net_label(name):
     return name + " (Xavier)" if name.startswith("plain") else name
 
 
+def net_order(name):
+    """Sort key: plain nets before the rest, Xavier before Kaiming, shallow first."""
+    return not name.startswith("plain"), name.endswith("kaiming"), int(re.sub(r"\D", "", name))
+
+
+def split_head(name):
+    """'plain32-ds1' -> ('plain32', '1'); after -ds: none or the --deep-sup stages."""
+    return re.match(r"(.+?)-ds(.+)$", name).groups()
+
+
+def head_label(ds):
+    return "none" if ds == "none" else f"after stage {ds.replace('-', ', ')}"
+
+
+def head_order(name):
+    net, ds = split_head(name)
+    return (*net_order(net), ds != "none", ds)
+
+
 def deepsup_study_table():
     """Issue 16: lr sweep (validation split), gradient probes, and the finals (test,
     3 seeds) with / without the auxiliary head; plot of the train curves."""
@@ -259,8 +270,7 @@ def deepsup_study_table():
     lrs = sorted({lr for runs in sweeps.values() for lr, _ in runs}, reverse=True)
     print("\n| network | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen lr |")
     print("|---|" + "---|" * (len(lrs) + 1))
-    for model in sorted(sweeps, key=lambda m: (not m.startswith("plain"), m.endswith("kaiming"),
-                                                int(re.sub(r"\D", "", m)))):
+    for model in sorted(sweeps, key=net_order):
         by_lr = dict(sweeps[model])
         finished = {lr: rows for lr, rows in by_lr.items() if rows and rows[-1]["epoch"] == 4}
         # the select rule of run_deepsup_study.sh: best last val top-1, ties to the first lr listed (the largest)
@@ -268,22 +278,19 @@ def deepsup_study_table():
         cells = [("-" if lr not in by_lr else f"{by_lr[lr][-1]['val_top1']:.1f}"
                   + ("" if lr in finished else f" (after {len(by_lr[lr])} epochs)")) for lr in lrs]
         print(f"| {net_label(model)} | " + " | ".join(cells) + f" | {best:g} |")
-    def probe_order(path):  # Xavier before Kaiming, shallow before deep, no head first
-        net, ds = re.match(r"probe-(.+?)-ds(.+)$", os.path.basename(os.path.dirname(path))).groups()
-        return net.endswith("kaiming"), int(re.sub(r"\D", "", net)), ds != "none", ds
-    probes = sorted(glob.glob(os.path.join(DEEPSUP, "probe-*", "gradient_probe.csv")), key=probe_order)
+    probes = sorted(glob.glob(os.path.join(DEEPSUP, "probe-*", "gradient_probe.csv")),
+                    key=lambda path: head_order(os.path.basename(os.path.dirname(path))[len("probe-"):]))
     if probes:
         print("\n| network, probe lr | aux head | layers < 1e-7 | median mean abs grad, stage 0 | stage 1 | stage 2 |")
         print("|---|---|---|---|---|---|")
         for path in probes:
             name = os.path.basename(os.path.dirname(path))
-            net, ds = re.match(r"probe-(.+?)-ds(.+)$", name).groups()
-            head = "none" if ds == "none" else f"after stage {ds.replace('-', ', ')}"
+            net, ds = split_head(name[len("probe-"):])
             lr = json.load(open(os.path.join(os.path.dirname(path), "config.json")))["lr"]
             stages = stage_medians(path)
             below = sum(b for _, b, _ in stages.values())
             total = sum(n for n, _, _ in stages.values())
-            print(f"| {net_label(net)}, lr {lr:g} | {head} | {below} of {total} | "
+            print(f"| {net_label(net)}, lr {lr:g} | {head_label(ds)} | {below} of {total} | "
                   + " | ".join(f"{m:.1e}" for _, _, m in stages.values()) + " |")
     finals, final_lr, diverged = {}, {}, {}
     for path in sorted(glob.glob(os.path.join(DEEPSUP, "final-*-seed*", "metrics.jsonl"))):
@@ -304,25 +311,20 @@ def deepsup_study_table():
         final_lr[setting] = config["lr"]
     if not finals:
         return
-
-    def final_order(setting):  # Xavier before Kaiming before resnet, shallow first, no head first
-        model, ds = re.match(r"(.+?)-ds(.+)$", setting).groups()
-        return not model.startswith("plain"), model.endswith("kaiming"), int(re.sub(r"\D", "", model)), ds != "none", ds
-    finals = {k: finals[k] for k in sorted(finals, key=final_order)}
+    finals = {k: finals[k] for k in sorted(finals, key=head_order)}
     print("\n| network, lr | aux head | seeds (diverged) | test top-1 (%) | train top-1 (%) | "
           + " | ".join(f"epochs to {t:g}% train top-1" for t in TRAIN_TARGETS) + " | aux head test top-1 (%) |")
     print("|---|---|---|---|---|" + "---|" * len(TRAIN_TARGETS) + "---|")
     for setting, runs in finals.items():
-        model, ds = re.match(r"(.+?)-ds(.+)$", setting).groups()
+        model, ds = split_head(setting)
         last = [rows[-1] for rows in runs]
         speeds = []
         for target in TRAIN_TARGETS:
             reach = [epochs_to(rows, "train_top1", target) for rows in runs]
             speeds.append(", ".join(str(e) if e else "-" for e in reach) if any(reach) else "never")
         aux = [v for r in last for k, v in r.items() if k.startswith("test_aux_top1")]
-        head = "none" if ds == "none" else f"after stage {ds.replace('-', ', ')}"
         n_diverged = f" ({len(diverged[setting])})" if setting in diverged else ""
-        print(f"| {net_label(model)}, lr {final_lr[setting]:g} | {head} | {len(runs)}{n_diverged} | {mean_std([r['test_top1'] for r in last])} | "
+        print(f"| {net_label(model)}, lr {final_lr[setting]:g} | {head_label(ds)} | {len(runs)}{n_diverged} | {mean_std([r['test_top1'] for r in last])} | "
               f"{mean_std([r['train_top1'] for r in last])} | " + " | ".join(speeds)
               + f" | {mean_std(aux) if aux else '-'} |")
     print()
@@ -330,7 +332,7 @@ def deepsup_study_table():
         for note in notes:
             print(f"diverged, not in the mean: {note}")
     for setting, runs in finals.items():
-        model, ds = re.match(r"(.+?)-ds(.+)$", setting).groups()
+        model, ds = split_head(setting)
         base = finals.get(f"{model}-dsnone")
         if ds == "none" or not base or len(base) < 2 or len(runs) < 2:
             continue
@@ -343,13 +345,13 @@ def deepsup_study_plot(finals):
     plt = pyplot("deep-supervision plot")
     if plt is None:
         return
-    models = sorted({re.match(r"(.+?)-ds", s).group(1) for s in finals})
+    models = sorted({split_head(s)[0] for s in finals})
     fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 6), squeeze=False)
     for col, model in enumerate(models):
         for setting, runs in sorted(finals.items()):
             if not setting.startswith(model + "-ds"):
                 continue
-            ds = setting.split("-ds", 1)[1]
+            ds = split_head(setting)[1]
             label = "no head" if ds == "none" else f"head after stage {ds}"
             for i, rows in enumerate(runs):
                 epochs = [r["epoch"] + 1 for r in rows]
