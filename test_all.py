@@ -2234,12 +2234,27 @@ def test_step_one_leaves_the_last_stage_untouched_under_ddp_too():
 
 
 def test_amp_bf16_and_channels_last_train_and_evaluate():
+    """Also: the model runs under bf16 autocast but the loss gets fp32 tensors (the
+    hybrid SupCon matmul would otherwise run in bf16)."""
+    seen = []
+
+    def spy(criterion, out, labels, *rest):
+        seen.extend(v.dtype for v in out.values() if torch.is_tensor(v))
+        return compute_loss(criterion, out, labels, *rest)
+
+    compute_loss = train.compute_loss
     with tmpdir() as d:
         npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
         out = os.path.join(d, "r")
-        assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
-                                            "--batch-size", "8", "--workers", "0", "--iters", "2", "--amp", "bf16",
-                                            "--channels-last", "--output-dir", out])) == 0
+        train.compute_loss = spy
+        try:
+            assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                                "--loss", "hybrid-sc", "--batch-size", "8", "--workers", "0",
+                                                "--iters", "2", "--amp", "bf16", "--channels-last",
+                                                "--output-dir", out])) == 0
+        finally:
+            train.compute_loss = compute_loss
+        assert seen and set(seen) == {torch.float32}, seen
         row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
         state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
