@@ -42,7 +42,7 @@ for seed in "$@"; do
   python train.py --dataset npz --data-path "$DATA" --imbalance-ratio "$beta" --model resnet32 "${extra[@]}" \
     --epochs "$epochs" --milestones "${steps[@]}" --lr 0.125 --batch-size 128 --momentum 0.9 --wd 1e-4 \
     --many-threshold 200 --few-threshold 40 --workers 0 --eval-every 5 --eval-batch-size 500 --print-freq 10 \
-    --amp bf16 --channels-last --seed "$seed" --output-dir "$out" --resume auto > "$out.log" 2>&1
+    --amp bf16 --channels-last --seed "$seed" --output-dir "$out" --resume auto >> "$out.log" 2>&1  # >>: a resumed run keeps the log of its first part
   echo "$out (exit $?): $(tail -n 1 "$out.log")"
   python evaluate.py --checkpoint "$out/checkpoint.pth" --many-threshold 100 --few-threshold 20 --json \
     --workers 0 --batch-size 500 > "$out-paper-thresholds.json" 2> "$out-paper-thresholds.err"

@@ -41,7 +41,7 @@ for seed in "$@"; do
   python train.py --dataset npz --data-path "$DATA" --model resnet32 "${extra[@]}" \
     --epochs "$epochs" --milestones "${steps[@]}" --lr 0.1 --batch-size 128 --momentum 0.9 --wd 1e-4 \
     --amp bf16 --channels-last --workers 0 --eval-every 5 --eval-batch-size 500 --print-freq 13 \
-    --seed "$seed" --output-dir "$out" --resume auto > "$out.log" 2>&1
+    --seed "$seed" --output-dir "$out" --resume auto >> "$out.log" 2>&1  # >>: a resumed run keeps the log of its first part
   echo "$out (exit $?): $(tail -n 1 "$out.log")"
   python evaluate.py --checkpoint "$out/checkpoint.pth" --flip v --json --workers 0 --batch-size 500 \
     > "$out-flipv.json" 2> "$out-flipv.err"

@@ -18,6 +18,14 @@
    sweeps on the validation split, the gradient probes per stage, and the finals
    with / without the auxiliary head (test top-1, last epoch; epochs until the
    running train top-1 first reaches 25% and 50%); with matplotlib, deepsup_study_curves.png.
+5. The seed-003 hybrid study (results/hybrid-study/, issue 17): CE, CE with the
+   class-balanced sampler, Hybrid-SC and Hybrid-PSC on the long-tailed CIFAR-10 subset
+   at beta 100 and 10 (test, last epoch, 3 seeds): top-1 and many / medium / few at the
+   scaled thresholds (metrics.jsonl) and at the paper's (evaluate.py's JSON), with the
+   paper's CIFAR-10-LT numbers beside them.
+6. The seed-002 MKSMT study (results/mksmt-study/, issue 17): plain, plain with twice
+   the epochs (update-matched), two-step without KD, with KD T = 1 and T = 4, one-step
+   (test, last epoch, 3 seeds): final-head and S3-head top-1, vertical-flip top-1.
 """
 import glob
 import json
@@ -370,8 +378,143 @@ def deepsup_study_plot(finals):
     print("wrote results/deepsup_study_curves.png")
 
 
+HYBRID = os.path.join(HERE, "hybrid-study")
+HYBRID_METHODS = {"ce": "CE", "ce-balanced": "CE, class-balanced sampler", "sc": "Hybrid-SC", "psc": "Hybrid-PSC"}
+# Wang et al. CVPR 2021, Table 1 (CIFAR-10-LT, full 50k CIFAR-10 cut to n_max 5000, 200 epochs);
+# the CE row is the LDAM paper's, as the hybrid paper cites it
+HYBRID_PAPER = {100: {"ce": 70.36, "sc": 81.40, "psc": 78.82}, 10: {"ce": 86.39, "sc": 91.12, "psc": 90.06}}
+
+
+def finished_runs(folder, pattern):
+    """{setting: [metrics rows per seed]} of the runs in ``folder`` matching ``pattern``
+    (a glob of run folders) that reached their configured last epoch; unfinished ones
+    are listed, not averaged."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, pattern, "metrics.jsonl"))):
+        run_dir = os.path.dirname(path)
+        rows = read_rows(run_dir)
+        epochs = json.load(open(os.path.join(run_dir, "config.json")))["epochs"]
+        if not rows or rows[-1]["epoch"] + 1 < epochs:
+            done = rows[-1]["epoch"] + 1 if rows else 0
+            print(f"(unfinished, left out: {os.path.basename(run_dir)} at epoch {done} of {epochs})")
+            continue
+        setting = re.sub(r"-seed\d+$", "", os.path.basename(run_dir))
+        runs.setdefault(setting, []).append((run_dir, rows))
+    return runs
+
+
+def cell(values):
+    return mean_std(values) if values else "-"
+
+
+def hybrid_study_table():
+    """Issue 17, seed 003: one table per imbalance ratio; the groups at the scaled
+    thresholds come from the run's own last evaluation (bf16 autocast, as trained),
+    the groups at the paper's thresholds from evaluate.py (fp32) on the last checkpoint."""
+    runs = finished_runs(HYBRID, "lt*-seed*")
+    for beta in (100, 10):
+        table = {m: runs[f"lt{beta}-{m}"] for m in HYBRID_METHODS if f"lt{beta}-{m}" in runs}
+        if not table:
+            continue
+        counts = json.load(open(next(iter(table.values()))[0][0] + "-paper-thresholds.json"))["train_counts"]
+        n = list(counts.values())
+        groups = {t: (sum(c > t[0] for c in n), sum(t[1] <= c <= t[0] for c in n), sum(c < t[1] for c in n))
+                  for t in ((200, 40), (100, 20))}
+        (a, b, c), (d, e, f) = groups[(200, 40)], groups[(100, 20)]
+        print(f"\n| beta {beta} ({sum(n):,} train images) | seeds | test top-1 (%) | many, > 200 ({a} classes) | "
+              f"medium ({b}) | few, < 40 ({c}) | many, > 100 ({d}) | medium ({e}) | few, < 20 ({f}) | "
+              f"paper, CIFAR-10-LT, 200 epochs |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for method, seeds in table.items():
+            last = [rows[-1] for _, rows in seeds]
+            paper = [json.load(open(run_dir + "-paper-thresholds.json")) for run_dir, _ in seeds]
+            cells = [cell([r["test_top1"] for r in last])]
+            cells += [cell([r[k] for r in last if r.get(k) is not None])
+                      for k in ("test_many_top1", "test_medium_top1", "test_few_top1")]
+            cells += [cell([j[k] for j in paper if j.get(k) is not None]) for k in ("many_top1", "medium_top1", "few_top1")]
+            published = HYBRID_PAPER[beta].get(method)
+            print(f"| {HYBRID_METHODS[method]} | {len(seeds)} | " + " | ".join(cells)
+                  + f" | {published if published else '-'} |")
+        print()
+        top1 = {m: [rows[-1]["test_top1"] for _, rows in seeds] for m, seeds in table.items()}
+        for a, b in (("sc", "ce"), ("psc", "ce"), ("ce-balanced", "ce"), ("sc", "ce-balanced"),
+                     ("psc", "ce-balanced"), ("sc", "psc")):
+            if len(top1.get(a, [])) > 1 and len(top1.get(b, [])) > 1:
+                print(f"beta {beta}, {HYBRID_METHODS[a]} - {HYBRID_METHODS[b]}: " + difference(top1[a], top1[b]))
+        hybrid_study_plot(beta, table)
+        gap = [j["top1"] - rows[-1]["test_top1"] for seeds in table.values() for run_dir, rows in seeds
+               for j in [json.load(open(run_dir + "-paper-thresholds.json"))]]
+        print(f"beta {beta}: evaluate.py (fp32) top-1 minus the run's own last evaluation (bf16): "
+              f"mean {statistics.mean(gap):+.3f}, largest |gap| {max(abs(g) for g in gap):.2f} points over {len(gap)} runs")
+
+
+def hybrid_study_plot(beta, table):
+    """Per-class test top-1 (mean over seeds, evaluate.py's JSON) against the class's
+    training images: results/hybrid_study_lt<beta>.png."""
+    plt = pyplot("hybrid per-class plot")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, seeds) in enumerate(table.items()):
+        results = [json.load(open(run_dir + "-paper-thresholds.json")) for run_dir, _ in seeds]
+        classes = list(results[0]["train_counts"])
+        counts = [results[0]["train_counts"][c] for c in classes]
+        means = [statistics.mean(r["per_class"][c] for r in results) for c in classes]
+        ax.plot(counts, means, "o-", color=f"C{i}", label=f"{HYBRID_METHODS[method]} ({len(seeds)} seeds)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log)")
+    ax.set_ylabel("test top-1 of the class (%)")
+    ax.set_title(f"Long-tailed CIFAR-10 subset, beta {beta}, ResNet-32, 30 epochs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, f"hybrid_study_lt{beta}.png"), dpi=120)
+    plt.close(fig)
+    print(f"wrote results/hybrid_study_lt{beta}.png")
+
+
+MKSMT = os.path.join(HERE, "mksmt-study")
+MKSMT_CONFIGS = {"plain": "plain (backbone's own head)", "plain2x": "plain, twice the epochs (update-matched)",
+                 "nokd": "two-step, no KD", "t1": "two-step MKSMT, KD T = 1", "t4": "two-step MKSMT, KD T = 4",
+                 "onestep": "one-step (CE S3 + CE S4 + KD T = 1)"}
+# Yu et al. 2023, CUB-200-2011, Swin-L from ImageNet-22K weights
+MKSMT_PAPER = {"plain": "91.9 (v-flip about -11)", "nokd": "92.1 (S3 90.9)", "t1": "92.8 (v-flip about -7)",
+               "t4": "below T = 1 (falls as T grows)"}
+
+
+def mksmt_study_table():
+    """Issue 17, seed 002: final-head (S4) and S3-head top-1 on test (last epoch),
+    optimizer updates per run, and the vertical-flip top-1 (evaluate.py --flip v, fp32)
+    with its drop from the run's own last evaluation (bf16)."""
+    runs = finished_runs(MKSMT, "*-seed*")
+    if not runs:
+        return
+    print("\n| config | seeds | optimizer updates | final head top-1 (%) | S3 head top-1 (%) | v-flip top-1 (%) "
+          "| v-flip drop (points) | paper (CUB, Swin-L) |")
+    print("|---|---|---|---|---|---|---|---|")
+    top1 = {}
+    for config in (c for c in MKSMT_CONFIGS if c in runs):
+        seeds = runs[config]
+        last = [rows[-1] for _, rows in seeds]
+        config_json = json.load(open(os.path.join(seeds[0][0], "config.json")))
+        steps = 2 if config_json["loss"] == "mksmt" and config_json["multistep"] == 2 else 1
+        flips = [(r["test_top1"], json.load(open(run_dir + "-flipv.json"))["top1"]) for (run_dir, _), r in zip(seeds, last)
+                 if os.path.exists(run_dir + "-flipv.json") and os.path.getsize(run_dir + "-flipv.json")]
+        top1[config] = [r["test_top1"] for r in last]
+        cells = [cell(top1[config]), cell([r["test_head_top1_stage1"] for r in last if "test_head_top1_stage1" in r]),
+                 cell([f for _, f in flips]), cell([t - f for t, f in flips])]
+        print(f"| {MKSMT_CONFIGS[config]} | {len(seeds)} | {steps * last[0]['iteration']:,} | " + " | ".join(cells)
+              + f" | {MKSMT_PAPER.get(config, '-')} |")
+    print()
+    for a, b in (("t1", "plain"), ("t1", "plain2x"), ("plain2x", "plain"), ("nokd", "plain2x"), ("t1", "nokd"),
+                 ("t4", "t1"), ("onestep", "plain"), ("t1", "onestep")):
+        if len(top1.get(a, [])) > 1 and len(top1.get(b, [])) > 1:
+            print(f"{a} - {b}: " + difference(top1[a], top1[b]))
+
+
 if __name__ == "__main__":
     main()
     probe_table()
     lfw_study_table()
     deepsup_study_table()
+    hybrid_study_table()
+    mksmt_study_table()
