@@ -45,12 +45,12 @@ def last_row(run_dir):
     return read_rows(run_dir)[-1]
 
 
-def difference(a, b):
-    """mean(a) - mean(b) of test top-1, with the standard error of that difference."""
+def difference(a, b, what="test top-1"):
+    """mean(a) - mean(b) of ``what``, with the standard error of that difference."""
     diff = statistics.mean(a) - statistics.mean(b)
     se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
     ratio = f"{abs(diff) / se:.1f}" if se > 0 else ("no spread, no difference" if diff == 0 else "inf")
-    return f"{diff:+.2f} points of test top-1, standard error {se:.2f} (|difference| / SE = {ratio})"
+    return f"{diff:+.2f} points of {what}, standard error {se:.2f} (|difference| / SE = {ratio})"
 
 
 def pyplot(what):
@@ -491,7 +491,7 @@ def mksmt_study_table():
     print("\n| config | seeds | optimizer updates | final head top-1 (%) | S3 head top-1 (%) | v-flip top-1 (%) "
           "| v-flip drop (points) | paper (CUB, Swin-L) |")
     print("|---|---|---|---|---|---|---|---|")
-    top1 = {}
+    top1, vflip = {}, {}
     for config in (c for c in MKSMT_CONFIGS if c in runs):
         seeds = runs[config]
         last = [rows[-1] for _, rows in seeds]
@@ -500,6 +500,7 @@ def mksmt_study_table():
         flips = [(r["test_top1"], json.load(open(run_dir + "-flipv.json"))["top1"]) for (run_dir, _), r in zip(seeds, last)
                  if os.path.exists(run_dir + "-flipv.json") and os.path.getsize(run_dir + "-flipv.json")]
         top1[config] = [r["test_top1"] for r in last]
+        vflip[config] = [f for _, f in flips]
         cells = [cell(top1[config]), cell([r["test_head_top1_stage1"] for r in last if "test_head_top1_stage1" in r]),
                  cell([f for _, f in flips]), cell([t - f for t, f in flips])]
         print(f"| {MKSMT_CONFIGS[config]} | {len(seeds)} | {steps * last[0]['iteration']:,} | " + " | ".join(cells)
@@ -509,6 +510,9 @@ def mksmt_study_table():
                  ("t4", "t1"), ("onestep", "plain"), ("t1", "onestep")):
         if len(top1.get(a, [])) > 1 and len(top1.get(b, [])) > 1:
             print(f"{a} - {b}: " + difference(top1[a], top1[b]))
+    for a, b in (("t1", "plain"), ("t1", "plain2x")):
+        if len(vflip.get(a, [])) > 1 and len(vflip.get(b, [])) > 1:
+            print(f"{a} - {b}: " + difference(vflip[a], vflip[b], "v-flip top-1"))
 
 
 if __name__ == "__main__":
