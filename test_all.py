@@ -484,6 +484,24 @@ def test_evaluate_counts_top1_top5_and_per_class():
     assert result["balanced_top1"] == (100 + 50 + 0) / 3  # classes 2-4 absent from the test set
 
 
+def test_evaluate_top1_breaks_ties_like_the_head_counts():
+    # bf16 logits tie often; top1 and the deepest head's count must then agree (first maximal class)
+    logits = torch.randn(64, 10).bfloat16().float()
+    logits[:, 3] = logits.max(1).values                               # class 3 ties with the max
+    images = torch.arange(64.0)[:, None, None, None].expand(64, 3, 2, 2)
+    labels = torch.randint(10, (64,), generator=torch.Generator().manual_seed(0))
+    labels[:32] = logits[:32].argmax(1)                               # the first maximal class
+    labels[32:48] = 3                                                 # tied with it
+    model = _FixedLogits(logits)
+    model.head_stages = [2]
+    forward = model.forward
+    model.forward = lambda x: {**forward(x), "head_logits": [forward(x)["logits"]]}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
+    result = train.evaluate(model, loader, torch.device("cpu"), 10)
+    expected = 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    assert result["top1"] == result["head_top1_stage2"] == expected
+
+
 def _run(*argv, cwd=HERE):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=240)
 

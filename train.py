@@ -687,11 +687,13 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
             out = model(images)
         logits = out["logits"].float()                                   # (B, K)
         topk = logits.topk(k, dim=1).indices                             # (B, k)
-        hit1 = (topk[:, 0] == labels).double()                           # (B,)
+        # argmax, not topk[:, 0]: topk breaks ties (common in bf16) in no fixed order, and
+        # top1 must equal the deepest head's argmax count below
+        hit1 = (logits.argmax(1) == labels).double()                     # (B,)
         heads = [*out.get("aux_logits", []), *out.get("head_logits", [])]
         counts += torch.stack([hit1.sum(), (topk == labels[:, None]).any(1).double().sum(),
                                F.cross_entropy(logits, labels, reduction="sum").double(),
-                               *[(z.argmax(1) == labels).double().sum() for z in heads]])
+                               *[(z.float().argmax(1) == labels).double().sum() for z in heads]])
         class_total.index_add_(0, labels, torch.ones_like(hit1))
         class_correct.index_add_(0, labels, hit1)
     if dist.is_available() and dist.is_initialized():  # sum every count over the processes' shards
