@@ -2,7 +2,8 @@
 # Issue 17 (seed 003 study): hybrid network vs CE on the CIFAR-10 subset made long-tailed,
 # at an informative CPU budget. README section "Seed 003 study" (once the runs are in).
 #
-#   bash results/run_hybrid_study.sh METHOD BETA SEED...     # METHOD: ce, ce-balanced, sc, psc
+#   bash results/run_hybrid_study.sh METHOD BETA SEED...
+#   # METHOD: ce, ce-balanced, sc, psc; ce-3x, ce-balanced-3x (compute-matched, see below)
 #
 # Data: the CIFAR-10 subset (1,000 training images per class) cut to n_i = 1000 * beta^(-i/9)
 # (--imbalance-ratio beta: 2,478 images at beta 100, 4,084 at beta 10); the 10,000 test images.
@@ -13,6 +14,9 @@
 # (scaled), so no validation split is needed.
 # ce-balanced: plain CE with the class-balanced sampler alone (--sampler class-balanced), to
 # separate "the contrastive branch helps" from "balanced sampling helps".
+# ce-3x, ce-balanced-3x: the same at three times the epochs (90, lr steps at 54 and 72), as many
+# images through the network as the hybrid's: each hybrid step forwards two augmented views per
+# contrastive-branch image plus one CE-branch image (3 x 128), a CE step 128.
 # Many / medium / few: --many-threshold 200 --few-threshold 40, the usual > 100 / < 20 of
 # CIFAR-100-LT (n_max = 500: n_max / 5 and n_max / 25) scaled to n_max = 1000. At beta 100 that
 # gives 4 / 3 / 3 classes (at beta 10: 7 / 3 / 0). The paper's own thresholds regroup the same
@@ -25,16 +29,18 @@ cd "$(dirname "$0")/.."
 DATA=${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}
 OUT=results/hybrid-study
 export OMP_NUM_THREADS=1
-epochs=${EPOCHS:-30}
-steps=($((epochs * 6 / 10)) $((epochs * 8 / 10)))
 method=$1; beta=$2; shift 2
+epochs=${EPOCHS:-30}
 case $method in
   ce) extra=(--loss ce) ;;
   ce-balanced) extra=(--loss ce --sampler class-balanced) ;;
+  ce-3x) extra=(--loss ce); epochs=$((epochs * 3)) ;;
+  ce-balanced-3x) extra=(--loss ce --sampler class-balanced); epochs=$((epochs * 3)) ;;
   sc) extra=(--loss hybrid-sc --tau 0.1) ;;
   psc) extra=(--loss hybrid-psc --tau 1.0) ;;
   *) echo "unknown method $method" >&2; exit 2 ;;
 esac
+steps=($((epochs * 6 / 10)) $((epochs * 8 / 10)))
 mkdir -p "$OUT"
 echo "commit $(git rev-parse HEAD)"
 for seed in "$@"; do
