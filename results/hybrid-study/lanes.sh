@@ -9,6 +9,7 @@ set -u
 cd "$(dirname "$0")/../.."
 queue=results/hybrid-study/queue.txt
 if [ $# -gt 0 ]; then
+  touch "$queue"   # a fresh checkout has none: the jobs named are then the whole queue
   { for job in "$@"; do echo "$job"; done; cat "$queue"; } > "$queue.new" && mv "$queue.new" "$queue"
 else {
   for m in sc psc ce ce-balanced; do for s in 0 1 2; do echo "hybrid $m 100 $s"; done; done
