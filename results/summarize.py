@@ -379,7 +379,13 @@ def deepsup_study_plot(finals):
 
 
 HYBRID = os.path.join(HERE, "hybrid-study")
-HYBRID_METHODS = {"ce": "CE", "ce-balanced": "CE, class-balanced sampler", "sc": "Hybrid-SC", "psc": "Hybrid-PSC"}
+HYBRID_METHODS = {"ce": "CE", "ce-3x": "CE, 90 epochs (image-matched)", "ce-balanced": "CE, class-balanced sampler",
+                  "ce-balanced-3x": "CE, class-balanced sampler, 90 epochs (image-matched)",
+                  "sc": "Hybrid-SC", "psc": "Hybrid-PSC"}
+# a hybrid step forwards 3 x 128 images (two contrastive views + one CE image), a CE step 128
+HYBRID_DIFFERENCES = (("sc", "ce"), ("psc", "ce"), ("ce-balanced", "ce"), ("sc", "ce-balanced"),
+                      ("psc", "ce-balanced"), ("sc", "psc"), ("ce-3x", "ce"), ("ce-balanced-3x", "ce-balanced"),
+                      ("sc", "ce-3x"), ("sc", "ce-balanced-3x"), ("psc", "ce-balanced-3x"))
 # Wang et al. CVPR 2021, Table 1 (CIFAR-10-LT, full 50k CIFAR-10 cut to n_max 5000, 200 epochs);
 # the CE row is the LDAM paper's, as the hybrid paper cites it
 HYBRID_PAPER = {100: {"ce": 70.36, "sc": 81.40, "psc": 78.82}, 10: {"ce": 86.39, "sc": 91.12, "psc": 90.06}}
@@ -437,8 +443,7 @@ def hybrid_study_table():
                   + f" | {published if published else '-'} |")
         print()
         top1 = {m: [rows[-1]["test_top1"] for _, rows in seeds] for m, seeds in table.items()}
-        for a, b in (("sc", "ce"), ("psc", "ce"), ("ce-balanced", "ce"), ("sc", "ce-balanced"),
-                     ("psc", "ce-balanced"), ("sc", "psc")):
+        for a, b in HYBRID_DIFFERENCES:
             if len(top1.get(a, [])) > 1 and len(top1.get(b, [])) > 1:
                 print(f"beta {beta}, {HYBRID_METHODS[a]} - {HYBRID_METHODS[b]}: " + difference(top1[a], top1[b]))
         hybrid_study_plot(beta, table)
@@ -455,16 +460,20 @@ def hybrid_study_plot(beta, table):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (method, seeds) in enumerate(table.items()):
+    colours = {m: f"C{i}" for i, m in enumerate(m for m in HYBRID_METHODS if not m.endswith("-3x"))}
+    for method, seeds in table.items():
         results = [json.load(open(run_dir + "-paper-thresholds.json")) for run_dir, _ in seeds]
         classes = list(results[0]["train_counts"])
         counts = [results[0]["train_counts"][c] for c in classes]
         means = [statistics.mean(r["per_class"][c] for r in results) for c in classes]
-        ax.plot(counts, means, "o-", color=f"C{i}", label=f"{HYBRID_METHODS[method]} ({len(seeds)} seeds)")
+        base = method.removesuffix("-3x")   # the 90-epoch run dashed, in its 30-epoch sibling's colour
+        ax.plot(counts, means, "o--" if base != method else "o-", color=colours[base],
+                label=f"{HYBRID_METHODS[method]} ({len(seeds)} seeds)")
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("test top-1 of the class (%)")
-    ax.set_title(f"Long-tailed CIFAR-10 subset, beta {beta}, ResNet-32, 30 epochs")
+    ax.set_title(f"Long-tailed CIFAR-10 subset, beta {beta}, ResNet-32, 30 epochs" + (
+        " (dashed: 90)" if any(m.endswith("-3x") for m in table) else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, f"hybrid_study_lt{beta}.png"), dpi=120)
