@@ -66,8 +66,9 @@ def pyplot(what):
 
 
 def mean_std(values):
-    std = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    if len(values) < 2:  # no spread from one seed; the seeds column says how many
+        return f"{statistics.mean(values):.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def main():
