@@ -474,10 +474,10 @@ def hybrid_study_plot(beta, table):
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("test top-1 of the class (%)")
     ax.set_title(f"Long-tailed CIFAR-10 subset, beta {beta}, ResNet-32, 30 epochs" + (
-        " (dashed: 90)" if any(m.endswith("-3x") for m in table) else ""))
-    ax.legend(fontsize=7)
+        "\n(dashed: 90 epochs)" if any(m.endswith("-3x") for m in table) else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: no data hidden
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, f"hybrid_study_lt{beta}.png"), dpi=120)
+    fig.savefig(os.path.join(HERE, f"hybrid_study_lt{beta}.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote results/hybrid_study_lt{beta}.png")
 
