@@ -48,8 +48,9 @@ import data
 import losses
 import models
 import train
+import utils
 
-AMP_MODES = ("none", *train.AMP_DTYPES)  # train.py's --amp choices
+AMP_MODES = ("none", *utils.AMP_DTYPES)  # train.py's --amp choices
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 LOADERS = ("torch", "tensor")
 BASELINE = {"loader": "torch", "amp": "none", "channels_last": "off", "compile": "none"}
@@ -106,7 +107,7 @@ def load_train_arrays(path):
 
 
 def make_loader(kind, x, y, batch_size, workers, device):
-    """(loader, sampler) for ``kind`` "torch" (as train.make_train_loader) or "tensor"."""
+    """(loader, sampler) for ``kind`` "torch" (as utils.make_train_loader) or "tensor"."""
     train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], data.cifar_transforms("cifar")[0])
     sampler = data.ResumableSampler(len(train_set), seed=0)
     if kind == "tensor":
@@ -144,7 +145,7 @@ def skip_reason(device, amp, compile_mode):
 
 def make_step(model, optimizer, device, amp, channels_last, compile_mode):
     """One SGD step on a batch; returns the function step(images, labels)."""
-    dtype = train.AMP_DTYPES.get(amp)  # None: no autocast
+    dtype = utils.AMP_DTYPES.get(amp)  # None: no autocast
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
     mark_step = compile_mode in CUDA_GRAPH_MODES  # a new CUDA-graph generation per step
@@ -156,7 +157,7 @@ def make_step(model, optimizer, device, amp, channels_last, compile_mode):
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(images)["logits"], labels)
-        train.update(optimizer, loss, scaler)  # train.py's own step
+        utils.backward_and_step(optimizer, loss, scaler)  # train.py's own step
 
     return step
 
@@ -261,14 +262,6 @@ def print_table(results):
 # ----------------------------------------------------------------------------------
 # Losses: vectorised module vs per-sample loop from the equation
 # ----------------------------------------------------------------------------------
-def _naive_loops():
-    """The per-sample loops written from the papers' equations live in test_all.py,
-    next to the tests that check the losses against them (imported late: test_all
-    imports this file)."""
-    import test_all
-    return test_all
-
-
 def center_inputs(loss, batch_size, device, seed=0):
     """Features (B, d), labels (B,) and ``loss`` with N(0, 1) centers (K, d), on
     ``device``; the same numbers as Python lists for the naive loop."""
@@ -298,24 +291,24 @@ LOSS_BENCHMARKS = [
     ("ContrastiveCenterLoss K=10 d=64 delta=1",
      lambda B, device: center_inputs(losses.ContrastiveCenterLoss(10, 64, delta=1.0), B, device),
      lambda i: i["loss"](i["x"], i["y"]),
-     lambda i: _naive_loops().naive_contrastive_center(i["x_list"], i["y_list"], i["c_list"], 1.0)),
+     lambda i: losses.naive_contrastive_center(i["x_list"], i["y_list"], i["c_list"], 1.0)),
     ("CenterLoss K=10 d=64",
      lambda B, device: center_inputs(losses.CenterLoss(10, 64), B, device),
      lambda i: i["loss"](i["x"], i["y"]),
-     lambda i: _naive_loops().naive_center(i["x_list"], i["y_list"], i["c_list"])),
+     lambda i: losses.naive_center(i["x_list"], i["y_list"], i["c_list"])),
     # d = 16, not the paper's 128, only to keep the O((2B)^2 d) Python loop near ten seconds
     ("SupConLoss V=2 d=16 tau=0.1",
      lambda B, device: contrastive_inputs(losses.SupConLoss(0.1), B, 2, 16, device),
      lambda i: i["loss"](i["z"], i["y"]),
-     lambda i: _naive_loops().naive_supcon(i["z_list"], i["y_list"], 0.1)),
+     lambda i: losses.naive_supcon(i["z_list"], i["y_list"], 0.1)),
     ("PSCLoss K=10 M=1 d=128 tau=1",
      lambda B, device: contrastive_inputs(losses.PSCLoss(10, 128, 1.0), B, 2, 128, device),
      lambda i: i["loss"](i["z"], i["y"]),
-     lambda i: _naive_loops().naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 1, 1.0)),
+     lambda i: losses.naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 1, 1.0)),
     ("PSCLoss (MPSC) K=10 M=4 d=128 tau=0.1",
      lambda B, device: contrastive_inputs(losses.PSCLoss(10, 128, 0.1, 4), B, 2, 128, device),
      lambda i: i["loss"](i["z"], i["y"]),
-     lambda i: _naive_loops().naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 4, 0.1)),
+     lambda i: losses.naive_psc(i["z_list"], i["y_list"], i["p_list"], 10, 4, 0.1)),
 ]
 
 
@@ -402,7 +395,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"benchmark-{report['device']}.json")
     with open(path, "w") as f:
-        f.write(json.dumps(train.strict_json(report), indent=2, allow_nan=False) + "\n")
+        f.write(json.dumps(utils.strict_json(report), indent=2, allow_nan=False) + "\n")
     print(f"wrote {path}")
     return 0
 

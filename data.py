@@ -23,8 +23,17 @@ Formats (README.md, section Data):
                        <root>/test/<class>/*.jpg (or val/)
 
 ``imbalance_ratio`` makes the cifar10 / cifar100 / npz training set long-tailed
-(``long_tailed_subset``); ``hybrid_transforms`` and ``ClassBalancedSampler`` are
-the hybrid network's views and CE-branch sampler (seed 003).
+(``long_tailed_subset``); ``hybrid_transforms``, ``PositivesSampler`` and
+``ClassBalancedSampler`` are the hybrid network's views, contrastive-branch and
+CE-branch samplers (Wang et al., CVPR 2021, read through a Chinese digest).
+
+Sources named in the docstrings: Tong's write-up = Tong C., "Application of joint
+supervision loss in deep image classification" (Chinese; applies Qi & Su 2017's
+contrastive-center loss to LFW and CUB); Wu's write-up = Wu W., "Image
+classification with deep residual learning" (Chinese; ResNet-32 on CIFAR-10);
+Yu et al. 2023 (MKSMT); the Wang et al. 2021 digest = a Chinese digest of Wang et
+al., "Contrastive learning based hybrid networks for long-tailed image
+classification", CVPR 2021.
 """
 import copy
 import json
@@ -42,7 +51,7 @@ DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub", "inat", "
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Seed 001 scales pixels to x*2/255 - 1: ToTensor gives x/255, then (t - 0.5)/0.5.
+# Wu's write-up (Sec. 3.2) scales pixels to x*2/255 - 1: ToTensor gives x/255, then (t - 0.5)/0.5.
 SEED001_MEAN, SEED001_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                   "seed001": (SEED001_MEAN, SEED001_STD)}
@@ -57,8 +66,8 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------
 def cifar_transforms(normalize="cifar", image_size=32):
     """Train: pad 4 with zeros, random crop, horizontal flip p=0.5 (He et al. 2016;
-    seed 001 Sec. 3.2). Test: no augmentation. ``normalize="seed001"`` gives seed
-    001's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std."""
+    Wu's write-up, Sec. 3.2). Test: no augmentation. ``normalize="seed001"`` gives
+    Wu's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     resize = [] if image_size == 32 else [T.Resize(image_size)]
     train = T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
@@ -68,8 +77,8 @@ def cifar_transforms(normalize="cifar", image_size=32):
 
 
 def lfw_transforms(image_size=224, normalize="imagenet"):
-    """Seed 000 (LFW): RandomResizedCrop + horizontal flip for training, resize and
-    center crop for testing."""
+    """Tong's write-up, Sec. 3.1 (LFW): RandomResizedCrop + horizontal flip for
+    training, resize and center crop for testing."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     # not in the paper: the test resize side (image_size / 0.875, torchvision's ratio).
@@ -78,8 +87,8 @@ def lfw_transforms(image_size=224, normalize="imagenet"):
 
 
 def cub_transforms(image_size=224, normalize="imagenet"):
-    """Seed 000 (CUB): resize, random crop with 4 px padding, horizontal flip;
-    test: resize only."""
+    """Tong's write-up, Sec. 3.2 (CUB): resize, random crop with 4 px padding,
+    horizontal flip; test: resize only."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     resize = T.Resize((image_size, image_size))
     train = T.Compose([resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
@@ -89,7 +98,7 @@ def cub_transforms(image_size=224, normalize="imagenet"):
 
 
 def hybrid_transforms(normalize="cifar", image_size=32, small=True):
-    """The hybrid network's training views (seed 003, implementation details):
+    """The hybrid network's training views (Wang et al. 2021 digest, Implementation details):
     random crop (32 with 4 px padding on CIFAR; not in the paper: a
     RandomResizedCrop at larger sizes, e.g. iNaturalist's 224), horizontal flip
     and grayscale with p = 0.2, shared by both branches; the contrastive branch
@@ -239,11 +248,25 @@ class PerSampleSeed(torch.utils.data.Dataset):
 
 
 class ClassBalancedSampler(torch.utils.data.Sampler):
-    """Class-balanced sampling for the hybrid network's CE branch (seed 003):
-    every draw picks a class uniformly among the classes present, then an image
-    of that class uniformly, with replacement. An epoch is ``num_samples`` draws
-    (default: the dataset size, so both branches have the same number of
-    batches).
+    """Class-balanced sampling for the hybrid network's CE branch (Wang et al.,
+    CVPR 2021): every draw picks a class uniformly among the classes present,
+    then an image of that class uniformly, with replacement. An epoch is
+    ``num_samples`` draws (default: the dataset size, so both branches have the
+    same number of batches).
+
+    Where it comes from: the Wang et al. 2021 digest never names the CE branch's
+    sampler. It says the two branches sample differently, to suit their losses
+    (Sec. "A Hybrid Framework": the feature branch's batch B_SC holds each x_i
+    with its same-class positives and other-class negatives, while the
+    classifier branch "directly takes images and labels", B_CE = {(x_i, y_i)}),
+    and its introduction cites recent work that splits long-tailed
+    classification into feature learning and classifier learning, two stages
+    suited to different sampling strategies: "e.g. random sampling suits feature
+    learning better, class-balanced sampling suits classifier learning better".
+    Class-balanced sampling for the CE branch is our inference from that
+    sentence (the digest adds that the joint two-branch training follows BBN,
+    and that PSC "allows random or class-balanced sampling"). not in the paper:
+    the scheme itself (a uniform class, then a uniform image, with replacement).
 
     Like ``ResumableSampler``: draws of epoch e come from (seed, e), elements are
     ``(index, sample_seed)``, ``set_epoch(e, start)`` resumes at any position.
@@ -284,6 +307,124 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
             yield indices[position], base + position * self.num_replicas + self.rank
 
 
+class PositivesSampler(torch.utils.data.Sampler):
+    """Batches that hold every anchor's same-class positives: the hybrid network's
+    contrastive branch on data with many classes (Wang et al., CVPR 2021).
+
+    Why: the Wang et al. 2021 digest says the n images of a supervised
+    contrastive batch "cannot be picked at random: for the supervised purpose,
+    the images of a class must be more than one" (Sec. "Supervised contrastive"), the feature
+    branch's batch must hold each x_i's same-class positives (Sec. "A Hybrid
+    Framework"), and on iNaturalist "for the SC loss, the number of positives is
+    fixed at 2" (Implementation details). With 8,142 classes and batch 100, an
+    instance-sampled batch holds almost no positive but the anchor's other view.
+
+    Rule, for epoch e (every draw depends only on (seed, e)):
+
+    - The epoch has ``len(targets) // batch_size`` global batches (not in the
+      paper: the remainder is dropped), each of G = ``batch_size // m`` groups
+      of ``m`` images.
+    - Anchors: the first (number of batches) * G entries of a seeded
+      permutation of the training set, i.e. instance sampling, so classes
+      appear in proportion to their frequency, as in the instance sampler of
+      the contrastive branch. not in the paper: only about len(targets) / m
+      images are anchors in an epoch, a different subset each epoch.
+    - Group: the anchor plus ``m - 1`` other images of its class, drawn
+      uniformly without replacement. not in the paper: a class with fewer than
+      ``m`` images gives all its other images, then fills the remaining slots
+      uniformly with replacement from the whole class, anchor included (a
+      one-image class repeats its image; every copy has its own sample seed, so
+      its own augmentation).
+    - not in the paper: an image may be in several groups of one epoch, even
+      of one batch (an anchor and another anchor's partner); SC then treats
+      the two copies as positives of each other.
+    - Layout (not in the paper): member-major, position g + G * j of a global
+      batch holds member j of group g (the G anchors come first). Rank r of
+      ``num_replicas`` N takes positions r, r + N, ... of the epoch's global
+      sequence, so the union of the ranks' k-th batches (``batch_size // N``
+      each) is global batch k, and when N divides G each rank's share holds
+      whole groups (those with g = r mod N); otherwise groups straddle ranks
+      and a per-rank contrastive loss loses positives unless features are
+      gathered across ranks.
+
+    The digest does not say whether its "2 positives" count images or views,
+    nor whether an image's own second view counts: ``m`` is the caller's choice
+    (m = 2: one same-class partner image per image; m = 3: two).
+
+    Like ``ResumableSampler``: elements are ``(index, sample_seed)``, with a seed
+    unique to (seed, epoch, position); ``set_epoch(e, start)`` skips this rank's
+    first ``start`` elements (a resumed run continues exactly). Sample seeds are
+    offset by 15_838_000_000 (``ClassBalancedSampler``'s offset is 7_919_000_000),
+    so the three samplers of one run share no seed while epochs * len(targets)
+    stays below 7.9e9 (with ``ClassBalancedSampler``'s default num_samples).
+
+    Args:
+        targets: class index of every training image (sequence or tensor of int).
+        m: images per group (anchor included), >= 1.
+        batch_size: the global batch, all ranks together; divisible by ``m`` and
+            by ``num_replicas``.
+    Raises ValueError for an ``m`` that does not divide ``batch_size`` (and for
+    a ``num_replicas`` that does not, or fewer images than one batch).
+    """
+
+    SEED_OFFSET = 15_838_000_000
+
+    def __init__(self, targets, m, batch_size, seed=0, num_replicas=1, rank=0):
+        if m < 1 or batch_size % m:
+            raise ValueError(f"batch_size {batch_size} must be divisible by m = {m} "
+                             f"(batch_size // m groups of m images)")
+        if batch_size % num_replicas:
+            raise ValueError(f"batch_size {batch_size} (the global batch) must be divisible by "
+                             f"num_replicas = {num_replicas}")
+        if len(targets) < batch_size:
+            raise ValueError(f"{len(targets)} training images make no batch of {batch_size}")
+        self.targets = torch.as_tensor(targets, dtype=torch.long)              # (n,)
+        n = len(self.targets)
+        self.order = torch.argsort(self.targets, stable=True)                  # indices grouped by class
+        self.class_counts = torch.bincount(self.targets)                        # (K,)
+        self.class_starts = torch.cumsum(self.class_counts, 0) - self.class_counts  # start of each class in order
+        self.rank_in_class = torch.empty_like(self.targets)                     # position of image i in its class
+        self.rank_in_class[self.order] = torch.arange(n) - self.class_starts[self.targets[self.order]]
+        self.m, self.batch_size = m, batch_size
+        self.num_batches = n // batch_size                                      # not in the paper: remainder dropped
+        self.seed, self.epoch, self.start = seed, 0, 0
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(range(self.rank, self.num_batches * self.batch_size, self.num_replicas)) - self.start
+
+    def draw(self, epoch):
+        """All dataset indices of ``epoch``, every rank's: (num_batches * batch_size,)
+        in the member-major layout of the class docstring."""
+        m, groups = self.m, self.batch_size // self.m
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 750_000)
+        anchors = torch.randperm(len(self.targets), generator=generator)[:self.num_batches * groups]  # (A,)
+        classes = self.targets[anchors]
+        counts, starts = self.class_counts[classes], self.class_starts[classes]  # (A,) each
+        taken = self.rank_in_class[anchors][:, None]                         # (A, 1) in-class positions used
+        uniform = torch.rand(len(anchors), m - 1, generator=generator, dtype=torch.float64)  # (A, m - 1)
+        for k in range(m - 1):
+            free = counts - 1 - k                                            # (A,) other images not yet drawn
+            # the pick-th free position: count it up past the taken ones, in increasing order
+            pick = (uniform[:, k] * free.clamp_min(1)).long()
+            for used in taken.sort(dim=1).values.unbind(1):
+                pick = pick + (used <= pick)
+            # not in the paper: the class is exhausted, draw from all of it with replacement
+            refill = (uniform[:, k] * counts).long()
+            taken = torch.cat([taken, torch.where(free > 0, pick, refill)[:, None]], dim=1)
+        members = self.order[starts[:, None] + taken]                        # (A, m), anchor first
+        return members.view(self.num_batches, groups, m).transpose(1, 2).reshape(-1)
+
+    def __iter__(self):
+        indices = self.draw(self.epoch)[self.rank::self.num_replicas].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * len(self.targets) + self.SEED_OFFSET
+        for position in range(self.start, len(indices)):
+            yield indices[position], base + position * self.num_replicas + self.rank
+
+
 class LabeledSubset(torch.utils.data.Subset):
     """``Subset`` that keeps ``.targets`` and ``.classes`` (the long-tailed sets)."""
 
@@ -306,7 +447,8 @@ def with_transform(dataset, transform):
 
 def long_tailed_counts(num_per_class, num_classes, imbalance_ratio):
     """Images kept per class in long-tailed CIFAR (Cui et al. 2019; LDAM, Cao et al.
-    2019; seed 003): n_i = int(n_max * (1 / beta)^(i / (K - 1))), class 0 the head.
+    2019; the imbalance ratio beta = N_max / N_min as in the Wang et al. 2021 digest,
+    Datasets): n_i = int(n_max * (1 / beta)^(i / (K - 1))), class 0 the head.
 
     CIFAR-10-LT (n_max 5000) has 12,406 / 13,996 / 20,431 images for beta = 100 /
     50 / 10; CIFAR-100-LT (n_max 500) 10,847 / 12,608 / 19,573.
@@ -439,7 +581,8 @@ def validation_split(train_set, fraction, seed, transform):
 def load_lfw(root, transforms, top_k=20, seed=0):
     """LFW tree <root>/<Name>/<Name>_NNNN.jpg. Keeps the ``top_k`` identities with
     the most images (ties broken by name, alphabetically), then splits each identity
-    8:2 with ``seed`` (seed 000: "20 identities with the most images, 8:2")."""
+    8:2 with ``seed`` (Tong's write-up, Sec. 3.1: "the 20 people with the most
+    images", split 8:2)."""
     if not os.path.isdir(root):
         raise DataError(f"LFW folder {root} not found: pass --data-path DIR holding <Name>/<Name>_NNNN.jpg")
     counts = []
@@ -475,7 +618,7 @@ def _read_table(path):
 
 def load_cub(root, transforms, num_classes=None, seed=0):
     """CUB-200-2011 release layout. Official train/test split by default; with
-    ``num_classes=N`` (seed 000's setup) keeps the first N classes and splits them
+    ``num_classes=N`` (Tong's write-up, Sec. 3.2) keeps the first N classes and splits them
     8:2 per class with ``seed``."""
     paths = _read_table(os.path.join(root, "images.txt"))
     try:
@@ -600,10 +743,10 @@ def _skip_unreadable(dataset):
     return dataset
 
 
-# not in the paper: seed 000 does not give its normalisation; ImageNet statistics for LFW / CUB.
+# not in the paper: Tong's write-up does not give its normalisation; ImageNet statistics for LFW / CUB.
 DEFAULT_NORMALIZE = {"cifar10": "cifar", "cifar100": "cifar", "npz": "cifar",
                      "imagefolder": "imagenet", "lfw": "imagenet", "cub": "imagenet", "inat": "imagenet",
-                     "nabirds": "imagenet", "dogs": "imagenet"}  # seed 002: ImageNet-pretrained Swin-L
+                     "nabirds": "imagenet", "dogs": "imagenet"}  # Yu et al. 2023: ImageNet-pretrained Swin-L
 
 
 def build_datasets(name, data_path=None, download=False, image_size=None, normalize=None,
@@ -924,8 +1067,8 @@ class TensorLoader:
     also works: batch k of this loader's life then uses seed ``seed * 1_000_003 + k``
     (not reproducible across a resume).
 
-    ``views=2, contrastive=True`` (SupContrast-style two views, seed 003: "one view
-    with colour jitter, one without"): view 1 = crop + flip + ``batched_color_jitter``
+    ``views=2, contrastive=True`` (SupContrast-style two views, Wang et al. 2021
+    digest: "one view with colour jitter, one without"): view 1 = crop + flip + ``batched_color_jitter``
     (0.4, 0.4, 0.4, 0.1, p=0.8) + ``batched_grayscale`` (p=0.2); view 2 = crop +
     flip + grayscale (p=0.2). Without ``contrastive`` every view is crop + flip, plus
     grayscale with probability ``grayscale`` (the hybrid network's CE branch: 0.2).

@@ -23,9 +23,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from train import (build_datasets_from_args, build_model_from_args, evaluate, load_checkpoint, strict_json,
-                   load_state_checked, make_test_loader, one_line, resolve_device, split_off_validation)
-from train import OneLineErrorParser, get_args_parser as train_args_parser
+from train import build_model_from_args, evaluate, get_args_parser as train_args_parser
+from utils import OneLineErrorParser, build_datasets_from_args, load_checkpoint, load_state_checked, \
+    make_test_loader, one_line, resolve_device, split_off_validation, strict_json
 
 
 def _pyplot():

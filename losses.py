@@ -1,11 +1,19 @@
 """Losses, one class per loss, each written next to its equation.
 
 Stands alone: imports only torch / stdlib, so it can be copied by itself.
-Equation numbers refer to the papers named in each docstring; README.md
-(section Equations) writes every equation out. Every loss is tested in ``test_all.py`` against a per-sample
-Python loop written from the equation.
+Every equation number names the document it belongs to, one of the Chinese
+texts the project was specified from: Tong C., "Application of joint supervision
+loss in deep image classification" ("Tong's write-up"); a Chinese digest of Wang
+et al., CVPR 2021 ("the Wang et al. 2021 digest"); Yu et al. 2023 (MKSMT, the
+paper itself). A paper that is not among those texts (Qi & Su 2017, Wen et al.
+2016, Wang et al. 2015, Khosla et al. 2020) is cited by name or section, never
+by an equation number that could not be checked here. A ``# Eq. (n)`` comment
+uses the numbering of the docstring above it. README.md (section Equations)
+writes every equation out. Every loss is tested in ``test_all.py`` against a
+per-sample Python loop written from the equation.
 """
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -55,10 +63,12 @@ def _reduce(per_sample, reduction):
 
 class ContrastiveCenterLoss(nn.Module):
     """Contrastive-center loss (Qi & Su 2017, "Contrastive-center loss for deep
-    neural networks", Eq. 7).
+    neural networks"), as written in Tong's write-up ("Application of joint
+    supervision loss in deep image classification", Sec. 2.2, Eq. 7). The
+    number 7 is Tong's; Qi & Su's own numbering is not checked here.
 
         L_ctc = 1/2 * sum_{i=1..B} ||x_i - c_{y_i}||^2
-                       / ( sum_{j != y_i} ||x_i - c_j||^2 + delta )          (Eq. 7)
+                       / ( sum_{j != y_i} ||x_i - c_j||^2 + delta )          (Tong, Eq. 7)
 
     Pulls each deep feature to its class center while pushing it from all other
     centers; ``delta`` keeps the ratio finite. A class absent from the batch still
@@ -67,12 +77,12 @@ class ContrastiveCenterLoss(nn.Module):
     Args:
         num_classes: K.
         feat_dim: d, the width of the deep feature (the input of the final FC).
-        delta: the constant in the denominator, 1 in the paper.
-        reduction: ``"sum"`` over the batch as in Eq. 7 (paper default), or
+        delta: the constant in the denominator, 1 in Tong's write-up.
+        reduction: ``"sum"`` over the batch as Tong's Eq. 7 writes it (default), or
             ``"mean"`` (divides by B; not in the paper).
     Attributes:
         centers: ``nn.Parameter`` (K, d), learned by SGD in their own parameter
-            group (lr 0.5 in the paper).
+            group (lr 0.5 in Tong's write-up).
     Shapes:
         features (B, d) float, labels (B,) int64 -> scalar.
     """
@@ -95,11 +105,11 @@ class ContrastiveCenterLoss(nn.Module):
 
 class _WenCenterUpdate(torch.autograd.Function):
     """Identity on the centers going forward; going backward, hands the centers
-    Wen et al.'s Eq. 4 step instead of the raw gradient:
+    Wen et al.'s center-update step (see ``CenterLoss``) instead of the raw gradient:
 
-        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])       (Eq. 4)
+        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])       (Wen's center update)
 
-    so plain SGD at lr alpha performs c_j <- c_j - alpha * delta c_j (Eq. 4's
+    so plain SGD at lr alpha performs c_j <- c_j - alpha * delta c_j (Wen's
     update), whatever lambda and the reduction are. A class absent from the batch
     gets delta c_j = 0."""
 
@@ -114,18 +124,21 @@ class _WenCenterUpdate(torch.autograd.Function):
         step = torch.zeros_like(centers).index_add_(0, labels, centers[labels] - features)  # (K, d)
         # index_add_, not bincount: bincount's output size depends on the data (a device sync)
         counts = torch.zeros_like(centers[:, 0]).index_add_(0, labels, torch.ones_like(features[:, 0]))  # (K,)
-        return step / (1 + counts)[:, None], None, None                                     # Eq. (4)
+        return step / (1 + counts)[:, None], None, None                                     # Wen's center update
 
 
 class CenterLoss(nn.Module):
     """Center loss (Wen, Zhang, Li, Qiao 2016, "A discriminative feature learning
-    approach for deep face recognition", Eq. 2 and 4).
+    approach for deep face recognition": the section that defines the center
+    loss L_C and its per-batch center update, and its Algorithm 1). The paper is
+    not among this project's sources, so its equation numbers (commonly cited as
+    Eq. 2 for L_C and Eq. 4 for the update) are not checked here and not used.
 
-        L_C = 1/2 * sum_{i=1..B} ||x_i - c_{y_i}||^2                          (Eq. 2)
-        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])      (Eq. 4)
+        L_C = 1/2 * sum_{i=1..B} ||x_i - c_{y_i}||^2                          (Wen's L_C)
+        delta c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])      (Wen's center update)
 
-    The features get the ordinary gradient of Eq. 2. The centers get Eq. 4's
-    step (``update="wen"``, default), so SGD at lr alpha (0.5 in the paper; no
+    The features get the ordinary gradient of L_C. The centers get the update
+    as their step (``update="wen"``, default), so SGD at lr alpha (0.5 in the paper; no
     momentum, no weight decay) reproduces Wen's update; ``update="autograd"``
     hands them the raw gradient of lambda * L_C instead (which, summed over a
     batch, overshoots at lr 0.5).
@@ -155,22 +168,24 @@ class CenterLoss(nn.Module):
         if self.update == "wen":
             centers = _WenCenterUpdate.apply(centers, features.detach(), labels)
         own_center = centers[labels]                                         # (B, d)
-        per_sample = 0.5 * (features - own_center).pow(2).sum(1)             # Eq. (2)
+        per_sample = 0.5 * (features - own_center).pow(2).sum(1)             # Wen's L_C
         return _reduce(per_sample, self.reduction)
 
 
 class JointSupervisionLoss(nn.Module):
-    """Joint supervision of softmax and a center-type loss (Qi & Su 2017, Eq. 8).
+    """Joint supervision of softmax and a center-type loss (Qi & Su 2017), as
+    written in Tong's write-up (Sec. 3, Eq. 8; the softmax loss L_s is its
+    Sec. 2.1, Eq. 6).
 
-        L = L_softmax + lambda * L_ctc                                        (Eq. 8)
+        L = L_s + lambda * L_ctc                                              (Tong, Eq. 8)
 
-    The softmax (cross-entropy) term is averaged over the batch as usual; the
-    center term keeps its own reduction (Eq. 7 sums over the batch). Passing a
-    ``CenterLoss`` gives Wen et al.'s joint objective ``L_S + lambda * L_C``.
+    The softmax (cross-entropy) term L_s is averaged over the batch, as Tong's
+    Eq. 6 writes it; the center term keeps its own reduction (Tong's Eq. 7 sums
+    over the batch). Passing a ``CenterLoss`` gives Wen et al.'s joint objective ``L_S + lambda * L_C``.
 
     Args:
         center_loss: a ``ContrastiveCenterLoss`` or ``CenterLoss``.
-        lam: lambda, 1 in the paper.
+        lam: lambda, 1 in Tong's write-up.
     Shapes:
         logits (B, K), embedding (B, d), labels (B,) -> (scalar, {"ce", "center"}).
     """
@@ -180,21 +195,24 @@ class JointSupervisionLoss(nn.Module):
         self.center_loss, self.lam = center_loss, lam
 
     def forward(self, logits, embedding, labels):
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels)                                 # Eq. (6): L_s
         center = self.center_loss(embedding, labels)
         return ce + self.lam * center, {"ce": ce.detach(), "center": center.detach()}  # Eq. (8)
 
 
 def deep_supervision_weight(alpha0, epoch, epochs, decay="linear", stop_epoch=None):
-    """alpha_t, the weight of the auxiliary losses at epoch t (Wang et al. 2015).
+    """alpha_t, the weight of the auxiliary losses at epoch t (Wang, Lee, Tu,
+    Lazebnik 2015, "Training deeper convolutional networks with deep
+    supervision"; here from the Chinese explainer of it, section 损失函数 "loss
+    function", whose formulas are images without numbers).
 
-        linear: alpha_t = alpha0 * (1 - t / N)                               (Sec. 3)
+        linear: alpha_t = alpha0 * (1 - t / N)
         none:   alpha_t = alpha0
         step:   alpha_t = alpha0 for t < stop_epoch (default N / 2), then 0
 
-    The seed prints the decay formula as an image; ``linear`` is its common
-    reading. not in the paper: ``step`` (DSN-style: drop the companion loss after
-    some epochs). t counts from 0, N = ``epochs``.
+    The explainer says only that alpha_t decays with the training epoch t and
+    prints the formula as an image; ``linear`` is its common reading. not in the
+    paper: ``step`` (DSN-style: drop the companion loss after some epochs). t counts from 0, N = ``epochs``.
     """
     if decay == "none":
         return alpha0
@@ -206,9 +224,11 @@ def deep_supervision_weight(alpha0, epoch, epochs, decay="linear", stop_epoch=No
 
 
 def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
-    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; seed 004):
+    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; the Chinese explainer of it,
+    section 损失函数 "loss function": the joint loss of the main network and the
+    supervision branch, formulas printed as images without numbers):
 
-        L = L_main + alpha_t * sum_s L_aux,s,    L_aux,s = CE(aux head s)     (Sec. 3)
+        L = L_main + alpha_t * sum_s L_aux,s,    L_aux,s = CE(aux head s)
 
     Shapes: main_loss scalar, aux_logits list of (B, K), labels (B,)
     -> (scalar, {"aux": detached sum of the auxiliary CE terms}).
@@ -218,14 +238,21 @@ def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
 
 
 # ----------------------------------------------------------------------------------
-# Hybrid network for long-tailed recognition (Wang et al., CVPR 2021; seed 003).
-# The seed prints its formulas as images; we number them in order of appearance:
-# (1) the hybrid total, (2) SC, (3) PSC, (4) MPSC.
+# Hybrid network for long-tailed recognition (Wang et al., CVPR 2021), from a
+# Chinese digest of the paper ("the digest" below). The digest prints its four
+# formulas as images (hybrid total, SC, PSC, MPSC) and numbers only one: its
+# implementation details fix "the tau of formula 3" for the SC loss, so SC is
+# Eq. 3. It describes the unsupervised contrastive (UC) loss just before SC
+# without printing it, so one numbered formula is missing before Eq. 3. We read:
+# (1) the hybrid total, [(2) the UC loss, not printed], (3) SC, (4) PSC, (5) MPSC.
+# Only Eq. 3 is stated; 1, 4 and 5 are inferred from the order (see each docstring).
+# These are the digest's numbers; the paper's own were not checked here.
 # ----------------------------------------------------------------------------------
 class SupConLoss(nn.Module):
-    """Supervised contrastive loss, SC (Khosla et al. 2020; seed 003 Eq. 2).
+    """Supervised contrastive loss, SC (Khosla et al. 2020; Wang et al. 2021 digest,
+    Eq. 3: the number the digest gives it, "the tau of formula 3").
 
-        L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau) )   (Eq. 2)
+        L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau) )   (Eq. 3)
 
     over all N = B*V views of the batch: every view is an anchor i, P(i) are the
     other views with the same label, the denominator runs over every view except
@@ -239,7 +266,7 @@ class SupConLoss(nn.Module):
     code (its 0.07); None (default) means no rescaling.
 
     Args:
-        temperature: tau, 0.1 in the paper for CIFAR and iNaturalist.
+        temperature: tau, 0.1 for CIFAR and iNaturalist (the digest's implementation details).
     Shapes:
         features (B, V, d), already L2-normalised; labels (B,) int64 -> scalar.
     """
@@ -256,13 +283,13 @@ class SupConLoss(nn.Module):
         logits = z @ z.t() / self.temperature                            # (N, N)
         self_mask = torch.eye(B * V, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_mask, float("-inf"))            # a != i
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # Eq. (2), stable
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # Eq. (3), stable
         positive = (anchor_labels[:, None] == anchor_labels[None, :]) & ~self_mask  # (N, N)
         num_positive = positive.sum(1)                                   # (N,) |P(i)|
         has_positive = num_positive > 0
         # masked_fill, not multiplication: 0 * -inf on the diagonal would be NaN
         sum_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1)        # (N,)
-        per_anchor = -sum_log_prob / num_positive.clamp_min(1)            # (N,) Eq. (2); 0 without a positive
+        per_anchor = -sum_log_prob / num_positive.clamp_min(1)            # (N,) Eq. (3); 0 without a positive
         if self.base_temperature is not None:
             per_anchor = per_anchor * (self.temperature / self.base_temperature)
         # the mean over anchors that have a positive, as masks: no data-dependent shape, no device sync
@@ -271,34 +298,36 @@ class SupConLoss(nn.Module):
 
 class PSCLoss(nn.Module):
     """Prototypical supervised contrastive loss, PSC, and its multi-prototype form
-    MPSC (Wang et al., CVPR 2021; seed 003 Eq. 3, 4).
+    MPSC (Wang et al., CVPR 2021; Wang et al. 2021 digest, Eq. 4 and 5). The
+    digest numbers neither: they are the two formulas printed after SC's Eq. 3,
+    numbered in sequence (ambiguous if the digest left out a formula between).
 
     One learnable prototype p_k per class (M per class for MPSC), L2-normalised
     in forward:
 
-        L_i = -log( exp(z_i.p_{y_i} / tau) / sum_{j != y_i} exp(z_i.p_j / tau) )                   (Eq. 3)
+        L_i = -log( exp(z_i.p_{y_i} / tau) / sum_{j != y_i} exp(z_i.p_j / tau) )                   (Eq. 4)
 
         L_i = -sum_m w_{i,m} log( exp(z_i.p^m_{y_i} / tau)
-                                  / sum_{j != y_i} sum_{m'} exp(z_i.p^{m'}_j / tau) )          (Eq. 4)
+                                  / sum_{j != y_i} sum_{m'} exp(z_i.p^{m'}_j / tau) )          (Eq. 5)
 
     The denominator excludes the positive class, as the paper writes it;
-    ``include_positive=True`` adds it (then Eq. 3 is a softmax cross-entropy over
+    ``include_positive=True`` adds it (then Eq. 4 is a softmax cross-entropy over
     cosine logits). The loss is the mean of L_i over all B*V views (not in the
     paper: mean instead of the written sum, as in ``SupConLoss``).
 
-    MPSC (``num_prototypes`` M > 1): the seed only states w_{i,m} >= 0 and
+    MPSC (``num_prototypes`` M > 1): the digest only states w_{i,m} >= 0 and
     sum_m w_{i,m} = 1 (the rule is "left to future work"). not in the paper: our
     weights are ``"uniform"`` (w = 1/M, default) or ``"softmax"`` (w_{i,m} =
     softmax_m(z_i.p^m_{y_i} / tau), detached: the nearest own prototype counts
     most). The denominator sums over all M prototypes of every other class.
-    not in the paper: prototypes start as random unit vectors (the seed notes the
+    not in the paper: prototypes start as random unit vectors (the digest notes the
     initialisation is not described).
 
     Args:
         num_classes: K (>= 2 unless include_positive: with one class the
-            denominator of Eq. 3 is empty).
-        feat_dim: D_S, 128 in the paper.
-        temperature: tau, 1 for CIFAR-10 and 0.1 for CIFAR-100 in the paper.
+            denominator of Eq. 4 is empty).
+        feat_dim: D_S (the digest does not give it; 128 is SupContrast's default).
+        temperature: tau, 1 for CIFAR-10 and 0.1 for CIFAR-100 (the digest's implementation details).
         num_prototypes: M, 1 for PSC.
     Shapes:
         features (B, V, d) or (B, d), already L2-normalised; labels (B,) -> scalar.
@@ -336,16 +365,17 @@ class PSCLoss(nn.Module):
             weights = torch.full_like(own, 1.0 / M)                              # (N, M)
         else:
             weights = own.detach().softmax(dim=1)
-        return -(weights * log_ratio).sum(1).mean()                             # Eq. (3) / (4)
+        return -(weights * log_ratio).sum(1).mean()                             # Eq. (4) / (5)
 
 
 def hybrid_alpha(epoch, epochs, schedule="parabolic", const=0.5):
-    """alpha of the hybrid objective at epoch t (seed 003, Eq. 1):
+    """alpha of the hybrid objective at epoch t (Wang et al. 2021 digest, Eq. 1; see
+    ``HybridLoss`` for why that number is inferred):
 
         L = alpha * L_con + (1 - alpha) * L_CE                               (Eq. 1)
 
-        parabolic: alpha = 1 - (t / T)^2   (CIFAR)
-        linear:    alpha = 1 - t / T       (iNaturalist)
+        parabolic: alpha = 1 - (t / T)^2   (CIFAR; the digest's implementation details)
+        linear:    alpha = 1 - t / T       (iNaturalist; idem)
         const:     alpha = ``const``       (not in the paper: an ablation)
 
     t counts epochs from 0, T = ``epochs``.
@@ -360,11 +390,16 @@ def hybrid_alpha(epoch, epochs, schedule="parabolic", const=0.5):
 
 
 class HybridLoss(nn.Module):
-    """The hybrid network's objective (Wang et al., CVPR 2021; seed 003 Eq. 1):
-    a contrastive term on the projected views of the instance-sampled batch and a
-    CE term on the classifier logits of the class-balanced batch.
+    """The hybrid network's objective (Wang et al., CVPR 2021; Wang et al. 2021
+    digest, Eq. 1): a contrastive term on the projected views of the
+    instance-sampled batch and a CE term on the classifier logits of the
+    class-balanced batch.
 
         L = alpha * L_con + (1 - alpha) * L_CE                               (Eq. 1)
+
+    The digest prints this formula unnumbered, first of its four. Eq. 1 is our
+    reading: SC is its Eq. 3 and the UC loss, described but not printed, most
+    likely holds Eq. 2; if instead the missing formula came first, this is Eq. 2.
 
     Args:
         contrastive: a ``SupConLoss`` or ``PSCLoss``.
@@ -383,22 +418,23 @@ class HybridLoss(nn.Module):
         return alpha * con + (1 - alpha) * ce, {"con": con.detach(), "ce": ce.detach()}  # Eq. (1)
 
 
-# MKSMT (Yu et al. 2023; seed 002): knowledge self-distillation between stages
+# MKSMT (Yu et al. 2023, "Multi-level knowledge self-distillation with multistep
+# training for fine-grained image recognition"): self-distillation between stages
 # ----------------------------------------------------------------------------------
 def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True, t2_scale=True):
     """Decision distillation of MKSMT (Yu et al. 2023, Sec. 1.2 Eq. 1, 2 and Sec. 2.4
-    Eq. 6; README, Equations: MKSMT): the shallower head (student, S3) matches the softened
-    output of the deeper one (teacher, S4).
+    Eq. 6; the paper's own numbers; README, Equations: MKSMT): the shallower head
+    (student, S3) matches the softened output of the deeper one (teacher, S4).
 
-        p_i = exp(z_i / T) / sum_j exp(z_j / T)                               (Eq. 1)
-        L_KD = 1/B sum_b sum_i p_t,i (log p_t,i - log p_s,i)  = KL(p_t || p_s) (Eq. 2, 6)
+        p_i = exp(z_i / T) / sum_j exp(z_j / T)                               (Yu et al., Eq. 1)
+        L_KD = 1/B sum_b sum_i p_t,i (log p_t,i - log p_s,i)  = KL(p_t || p_s) (Yu et al., Eq. 2, 6)
         L_KD <- T^2 * L_KD  when t2_scale                  (Hinton et al. 2015)
 
     Args:
         temperature: T; 1 in the paper (its sweep: 1, 2, 3, 4, 7, 10).
         detach_teacher: no gradient flows into the teacher head (default).
         t2_scale: multiply by T^2 so the gradient scale does not shrink as 1/T^2.
-            not in the paper: the seed does not say; Hinton's convention. No effect at T = 1.
+            not in the paper: Yu et al. do not say; Hinton's convention. No effect at T = 1.
     Shapes:
         student_logits (B, K), teacher_logits (B, K) -> scalar. Computed in at
         least float32, with log_softmax (no exp overflow).
@@ -424,3 +460,75 @@ def feature_kd_loss(student_feature, teacher_feature, detach_teacher=True):
     teacher = teacher_feature.detach() if detach_teacher else teacher_feature
     # not in the paper: the feature-distillation ablation's exact distance is not given; MSE
     return F.mse_loss(student_feature, teacher)  # mean over B * d elements
+
+
+# ----------------------------------------------------------------------------------
+# Reference loops: each loss written again from its equation, one sample at a time, in
+# plain Python floats. Slow and obviously right; test_all.py checks every vectorised loss
+# above against them (edge cases included) and benchmark.py times both.
+# ----------------------------------------------------------------------------------
+def naive_contrastive_center(x, y, c, delta, reduction="sum"):
+    """Tong's write-up, Eq. 7 (Qi & Su 2017's contrastive-center loss), one sample and one
+    center at a time. x: B lists of d floats, y: B labels, c: K lists of d floats."""
+    B, K, d = len(x), len(c), len(x[0])
+    total = 0.0
+    for i in range(B):
+        own = sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(d))
+        others = sum(sum((x[i][k] - c[j][k]) ** 2 for k in range(d)) for j in range(K) if j != y[i])
+        total += 0.5 * own / (others + delta)
+    return total if reduction == "sum" else total / B
+
+
+def naive_center(x, y, c, reduction="sum"):
+    """Wen et al. 2016's L_C = 1/2 sum_i ||x_i - c_{y_i}||^2, one sample at a time."""
+    total = sum(0.5 * sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(len(x[0]))) for i in range(len(x)))
+    return total if reduction == "sum" else total / len(x)
+
+
+def naive_supcon(z, y, tau):
+    """SC (Khosla et al. 2020; Wang et al. 2021 digest, Eq. 3) over the N views, one anchor at a
+    time: the mean over anchors that have a positive of
+    -1/|P(i)| sum_p log(e^{z_i.z_p/tau} / sum_{a != i} e^{z_i.z_a/tau}). z: N lists of d floats."""
+    N = len(z)
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
+    per_anchor = []
+    for i in range(N):
+        positives = [p for p in range(N) if p != i and y[p] == y[i]]
+        if not positives:
+            continue
+        denominator = sum(math.exp(dot(z[i], z[a]) / tau) for a in range(N) if a != i)
+        per_anchor.append(-sum(math.log(math.exp(dot(z[i], z[p]) / tau) / denominator)
+                               for p in positives) / len(positives))
+    return sum(per_anchor) / len(per_anchor) if per_anchor else 0.0
+
+
+def naive_psc(z, y, prototypes, K, M, tau, include_positive=False, weights="uniform"):
+    """PSC / MPSC (Wang et al. 2021 digest, Eq. 4 / 5), one view at a time: prototype k*M + m is
+    the m-th prototype of class k (normalised here). z: N lists of d floats, y: N labels."""
+    norm = lambda v: [a / math.sqrt(sum(b * b for b in v)) for a in v]
+    protos = [norm(p) for p in prototypes]
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
+    total = 0.0
+    for i in range(len(z)):
+        s = [[dot(z[i], protos[k * M + m]) / tau for m in range(M)] for k in range(K)]
+        denominator = sum(math.exp(s[k][m]) for k in range(K) for m in range(M)
+                          if include_positive or k != y[i])
+        own = s[y[i]]
+        if weights == "uniform":
+            w = [1.0 / M] * M
+        else:
+            w = [math.exp(v) / sum(math.exp(u) for u in own) for v in own]
+        total += -sum(w[m] * math.log(math.exp(own[m]) / denominator) for m in range(M))
+    return total / len(z)
+
+
+def naive_kd(zs, zt, T, t2):
+    """Yu et al. 2023, Eq. 1, 2, 6: KL(p_t || p_s) with p_i = exp(z_i/T) / sum_j exp(z_j/T),
+    averaged over samples; times T^2 when ``t2``. zs, zt: B lists of K floats."""
+    B, K = len(zs), len(zs[0])
+    total = 0.0
+    for b in range(B):
+        ps = [math.exp(zs[b][i] / T) / sum(math.exp(zs[b][j] / T) for j in range(K)) for i in range(K)]
+        pt = [math.exp(zt[b][i] / T) / sum(math.exp(zt[b][j] / T) for j in range(K)) for i in range(K)]
+        total += sum(pt[i] * (math.log(pt[i]) - math.log(ps[i])) for i in range(K)) / B
+    return total * T * T if t2 else total

@@ -11,10 +11,11 @@ interface:
                                  that the center / contrastive-center losses act on),
      "stages":    [(B, C, H, W), ...]  per-stage feature maps, shallow to deep}
 
-Wrappers add keys: ``DeeplySupervised`` "aux_logits" (deep supervision, seed 004),
-``MultiLevelHeads`` "head_logits" / "head_features" / "head_stages" (MKSMT's OPM heads,
-seed 002; the deepest head gives "logits"), ``HybridNet`` "projection" (the hybrid
-network's 128-d unit-norm z, seed 003). Every backbone also has ``run_stages(x, upto)``.
+Wrappers add keys: ``DeeplySupervised`` "aux_logits" (deep supervision, Wang et al.
+2015), ``MultiLevelHeads`` "head_logits" / "head_features" / "head_stages" (MKSMT's OPM
+heads, Yu et al. 2023; the deepest head gives "logits"), ``HybridNet`` "projection"
+(the hybrid network's 128-d unit-norm z, Wang et al. CVPR 2021). Every backbone also
+has ``run_stages(x, upto)``.
 
 ``build_model(name, num_classes, **options)`` is the only entry point a script needs.
 
@@ -33,7 +34,8 @@ test error, %, full 50k training set):
     resnet110  110    1.7M      6.43
     =========  =====  ========  ======================
 
-Seed 001 reports 91.1% accuracy (8.9% error) for its ResNet-32 variant
+Wu's write-up ("Image classification with deep residual learning", Sec. 3.3) reports
+91.1% accuracy (8.9% error) for its ResNet-32 variant
 (``block="preact"``, see ``CifarResNet``).
 
 torchvision backbones: resnet18 / resnet34 / resnet50 / mobilenet_v2 and
@@ -98,10 +100,10 @@ class PreActBlock(nn.Module):
     """Pre-activation residual unit (He et al., "Identity mappings", ECCV 2016):
     BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the shortcut.
 
-    ``activate_before_split=True`` is seed 001's first unit: BN+ReLU is applied
-    once to the input and that activated tensor feeds *both* the residual path and
-    the shortcut ("a BN layer and a ReLU layer are also placed on the shortcut path
-    of the network's first residual unit", seed 001, Sec. 3.2 / Fig. 4).
+    ``activate_before_split=True`` is the first unit of Wu's write-up: BN+ReLU is
+    applied once to the input and that activated tensor feeds *both* the residual
+    path and the shortcut ("a BN layer and a ReLU layer are also placed on the
+    shortcut path of the network's first residual unit", Wu, Sec. 3.2 / Fig. 4).
     """
 
     def __init__(self, in_channels, out_channels, stride, shortcut, activate_before_split=False):
@@ -133,13 +135,13 @@ class CifarResNet(nn.Module):
         block: ``"post"`` (default) is the original post-activation unit
             (conv-BN-ReLU-conv-BN, add, ReLU; torchvision's ``BasicBlock``): it is
             the unit behind the published 0.46M / 7.51% row and what most
-            reproductions mean by "ResNet-32". ``"preact"`` is seed 001's network:
-            pre-activation units, BN+ReLU before the split in the network's first
-            unit, and a final BN+ReLU before pooling (the layout of the
-            identity-mappings paper, which seed 001 cites as [4]).
+            reproductions mean by "ResNet-32". ``"preact"`` is the network of Wu's
+            write-up: pre-activation units, BN+ReLU before the split in the
+            network's first unit, and a final BN+ReLU before pooling (the layout of
+            the identity-mappings paper, which Wu cites as [4]).
         shortcut: ``"A"`` zero-padding identity (default, parameter free) or
-            ``"B"`` 1x1 conv + BN projection where the shape changes (seed 001,
-            Sec. 2, describes the 1x1 convolution).
+            ``"B"`` 1x1 conv + BN projection where the shape changes (Wu's
+            write-up, Sec. 2.3 / Eq. 23, describes the 1x1 convolution).
     Shapes:
         x (B, 3, H, W) -> logits (B, K), embedding (B, 64),
         stages [(B, 16, H, W), (B, 32, H/2, W/2), (B, 64, H/4, W/4)].
@@ -173,6 +175,11 @@ class CifarResNet(nn.Module):
         self.groups = nn.ModuleList(groups)
         # Pre-activation units leave the last group's output un-normalised.
         self.final_act = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()) if block == "preact" else nn.Identity()
+        # not in the paper: Wu's write-up (Sec. 3.2) initialises the network with He et al.'s
+        # method (its ref. [2]), but the init loop below (torchvision's ResNet loop) only
+        # touches convs and BN, so this FC keeps PyTorch's default Linear init (weight and
+        # bias uniform in +-1/sqrt(64)), as in torchvision's ResNet; akamaster's CIFAR
+        # ResNet would He-init it. Left as is: existing runs depend on it.
         self.fc = nn.Linear(64, num_classes)
         self.stage_channels = [16, 32, 64]
         self.stage_prefixes = [[f"groups.{i}."] for i in range(3)]
@@ -212,7 +219,8 @@ class PlainNet(nn.Module):
     Args:
         init: ``"xavier"`` (default; Glorot & Bengio 2010, the usual init when those
             papers were written) or ``"kaiming"`` (He et al. 2015, fan_in), which
-            keeps the signal alive without BN. not in the paper: the seed gives no init.
+            keeps the signal alive without BN. not in the paper: the deep-supervision
+            explainer of Wang et al. 2015 gives no init.
     Shapes: as ``CifarResNet``.
     """
 
@@ -387,6 +395,33 @@ class Swin(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
+# OPM width m = f (MKSMT's output heads, ``OPM``) when build_model gets head_width=None.
+PMG_HEAD_WIDTH = 512   # PMG's head (Du et al. 2020); torchvision CNNs, and old Swin checkpoints
+CIFAR_HEAD_WIDTH = 64  # not in the paper: CIFAR ResNets and plain nets have 16-64 channels
+# not in the paper: Yu et al. 2023 (Sec. 3.3 / Table 7) give only "+1.1% parameters" over
+# Swin-L; the OPM's layers are in a figure, its width nowhere. Rule: one width m = f for every
+# head, the multiple of 8 (tensor-core friendly) that brings Swin-L with OPMs on S3 and S4 at
+# K = 200 (CUB) nearest +1.1% over Swin-L with its own K-way classifier: 216 -> 197,451,796
+# vs 195,302,876 parameters (+1.10%; 208: +1.02%; 224: +1.18%; 192, the largest multiple of
+# 32 under +1.1%: +0.87%; PMG's 512: +5.93%). One width, not one per stage, because feature
+# KD compares the heads' f-d features with each other. Swin-T/S/B get the same 216 (the
+# paper only uses Swin-L).
+SWIN_HEAD_WIDTH = 216
+
+
+def default_head_width(model_name):
+    """The OPM width m = f that ``build_model(model_name, ..., heads=...)`` uses when
+    ``head_width`` is None: ``SWIN_HEAD_WIDTH`` (216) for swin_*, ``CIFAR_HEAD_WIDTH``
+    (64) for the CIFAR ResNets and plain nets, ``PMG_HEAD_WIDTH`` (512) otherwise."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if model_name in SWINS:
+        return SWIN_HEAD_WIDTH
+    if model_name in CIFAR_RESNETS or model_name in PLAIN_NETS:
+        return CIFAR_HEAD_WIDTH
+    return PMG_HEAD_WIDTH
+
+
 def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
                 pretrained=False, weights=None, plain_init="xavier", deep_sup=(), aux_dropout=0.5,
                 projection_dim=0, heads=(), head_width=None):
@@ -406,10 +441,13 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
             ``"model"`` entry); tensors whose shape does not match (e.g. the head)
             are skipped and reported.
         projection_dim: > 0 adds the hybrid network's contrastive projection
-            head of that width (``HybridNet``; 128 in seed 003).
+            head of that width (``HybridNet``; 128, SupContrast's width: the digest
+            of Wang et al. CVPR 2021 names none).
         heads: stage indices that get an MKSMT output head (``MultiLevelHeads``);
-            empty for none. head_width: the OPM width (default 512, PMG's; 64 for
-            the CIFAR ResNets and plain nets, not in the paper).
+            empty for none.
+        head_width: the OPM width m = f; None means ``default_head_width(name)``
+            (216 for Swin, 64 for CIFAR ResNets / plain nets, PMG's 512 otherwise).
+            Pass 512 to rebuild a Swin model trained with PMG's width.
     """
     if name in CIFAR_RESNETS:
         if pretrained:
@@ -429,7 +467,7 @@ def build_model(name, num_classes, image_size=32, block="post", shortcut="A",
         load_partial_state_dict(model, weights)
     if heads:
         if head_width is None:
-            head_width = 64 if name in CIFAR_RESNETS or name in PLAIN_NETS else 512
+            head_width = default_head_width(name)
         model = MultiLevelHeads(model, heads, num_classes, head_width)
     if deep_sup:
         model = DeeplySupervised(model, deep_sup, num_classes, dropout=aux_dropout)
@@ -452,11 +490,12 @@ def embedding_dim(model):
 
 
 # ----------------------------------------------------------------------------------
-# Deep supervision (Wang, Lee, Tu, Lazebnik 2015; seed 004)
+# Deep supervision (Wang, Lee, Tu, Lazebnik 2015)
 # ----------------------------------------------------------------------------------
 class AuxHead(nn.Module):
-    """Auxiliary classifier of seed 004 / Wang et al. 2015: a conv3x3-BN-ReLU block,
-    two FC layers each followed by ReLU and dropout, and a final FC.
+    """Auxiliary classifier of Wang et al. 2015 (as the Chinese explainer describes
+    it): a conv3x3-BN-ReLU block, two FC layers each followed by ReLU and dropout,
+    and a final FC.
 
     not in the paper: global average pooling between the conv block and the FC
     layers (so one head fits any resolution), and the widths (conv keeps C
@@ -507,13 +546,14 @@ class DeeplySupervised(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# Hybrid network (Wang et al., CVPR 2021; seed 003)
+# Hybrid network (Wang et al., CVPR 2021)
 # ----------------------------------------------------------------------------------
 class ProjectionHead(nn.Module):
-    """The contrastive branch's MLP f_e (seed 003): Linear d -> d, ReLU,
-    Linear d -> 128, then L2 normalisation (z lies on the unit sphere).
+    """The contrastive branch's MLP f_e (Wang et al. CVPR 2021, "A Hybrid Framework"):
+    Linear d -> d, ReLU, Linear d -> 128, then L2 normalisation (z lies on the unit
+    sphere).
 
-    not in the paper: the hidden width d (SupContrast's choice); the seed only
+    not in the paper: the hidden width d (SupContrast's choice); the digest only
     says "MLP".
     Shapes: (B, d) -> (B, out_dim), unit norm.
     """
@@ -548,7 +588,7 @@ class HybridNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# MKSMT (Yu et al. 2023; seed 002)
+# MKSMT (Yu et al. 2023)
 # ----------------------------------------------------------------------------------
 class MultiLevelHeads(nn.Module):
     """A backbone whose chosen stages each end in an ``OPM`` with its own K-way
@@ -566,7 +606,8 @@ class MultiLevelHeads(nn.Module):
         backbone: a model with ``run_stages`` and ``stage_channels``.
         head_stages: stage indices (0-based) that get an OPM, e.g. [2, 3] for
             Swin's S3, S4.
-        width: the OPM's m = f (512 in PMG; less for tiny CIFAR nets).
+        width: the OPM's m = f, one width for all heads (512 in PMG;
+            ``build_model`` passes ``default_head_width``).
     """
 
     def __init__(self, backbone, head_stages, num_classes, width=512):
@@ -654,7 +695,7 @@ def count_parameters(model):
 
 
 # ----------------------------------------------------------------------------------
-# MKSMT (Yu et al. 2023; seed 002): output processing module, Swin-L weights
+# MKSMT (Yu et al. 2023): output processing module, Swin-L weights
 # ----------------------------------------------------------------------------------
 class OPM(nn.Module):
     """Output processing module of MKSMT (Yu et al. 2023, Sec. 2.1, Fig. 2; README, Equations: MKSMT): maps
@@ -665,7 +706,10 @@ class OPM(nn.Module):
         Linear f -> K                                                  (= logits)
 
     not in the paper: the layers (the paper shows the OPM only in a figure); this is
-    PMG's head (Du et al. 2020, "progressive multi-granularity training"), m = f = 512.
+    PMG's head (Du et al. 2020, "progressive multi-granularity training"), whose
+    m = f = 512 is this class's default. not in the paper: the width ``build_model``
+    uses, ``default_head_width`` (216 on Swin: the paper gives only "+1.1%
+    parameters" over Swin-L, Yu et al. 2023, Sec. 3.3 / Table 7).
 
     Args:
         in_channels: C, channels of the stage map (192/384/768/1536 for Swin-L).
@@ -679,7 +723,8 @@ class OPM(nn.Module):
 
     def __init__(self, in_channels, num_classes, mid_channels=512, feat_dim=512):
         super().__init__()
-        # not in the paper: the paper's OPM is only in a figure; PMG's head
+        # not in the paper: the paper's OPM is only in a figure; PMG's head. Its width is
+        # not in the paper either: see SWIN_HEAD_WIDTH for how build_model's default was chosen.
         self.conv = nn.Sequential(
             Conv2dNormActivation(in_channels, mid_channels, kernel_size=1),       # conv-BN-ReLU
             Conv2dNormActivation(mid_channels, 2 * mid_channels, kernel_size=3))  # conv-BN-ReLU

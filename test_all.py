@@ -36,6 +36,7 @@ import losses
 import models
 import reproduce
 import train
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
@@ -63,23 +64,6 @@ def tmpdir():
 # ----------------------------------------------------------------------------------
 # Losses vs naive loops
 # ----------------------------------------------------------------------------------
-def naive_contrastive_center(x, y, c, delta, reduction="sum"):
-    """Eq. 7 of Qi & Su 2017, one sample and one center at a time."""
-    B, K, d = len(x), len(c), len(x[0])
-    total = 0.0
-    for i in range(B):
-        own = sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(d))
-        others = sum(sum((x[i][k] - c[j][k]) ** 2 for k in range(d)) for j in range(K) if j != y[i])
-        total += 0.5 * own / (others + delta)
-    return total if reduction == "sum" else total / B
-
-
-def naive_center(x, y, c, reduction="sum"):
-    """Eq. 2 of Wen et al. 2016."""
-    total = sum(0.5 * sum((x[i][k] - c[y[i]][k]) ** 2 for k in range(len(x[0]))) for i in range(len(x)))
-    return total if reduction == "sum" else total / len(x)
-
-
 def _features_and_centers(B, K, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(K, d, generator=g, dtype=torch.float64)
@@ -91,7 +75,7 @@ def test_contrastive_center_matches_naive_loop_with_absent_class():
     for reduction in ("sum", "mean"):
         loss = losses.ContrastiveCenterLoss(5, 3, delta=0.7, reduction=reduction).double()
         loss.centers.data.copy_(c)
-        want = naive_contrastive_center(x.tolist(), y.tolist(), c.tolist(), 0.7, reduction)
+        want = losses.naive_contrastive_center(x.tolist(), y.tolist(), c.tolist(), 0.7, reduction)
         assert abs(loss(x, y).item() - want) < 1e-12, (reduction, loss(x, y).item(), want)
 
 
@@ -100,7 +84,7 @@ def test_contrastive_center_single_sample_and_single_class():
     y = torch.tensor([2])
     loss = losses.ContrastiveCenterLoss(4, 6).double()
     loss.centers.data.copy_(c)
-    assert abs(loss(x, y).item() - naive_contrastive_center(x.tolist(), [2], c.tolist(), 1.0)) < 1e-12
+    assert abs(loss(x, y).item() - losses.naive_contrastive_center(x.tolist(), [2], c.tolist(), 1.0)) < 1e-12
     # K = 1: no other center, the denominator is delta alone.
     one = losses.ContrastiveCenterLoss(1, 6, delta=2.0).double()
     one.centers.data.copy_(c[:1])
@@ -126,7 +110,7 @@ def test_center_loss_matches_naive_loop():
         for update in ("wen", "autograd"):
             loss = losses.CenterLoss(4, 3, reduction, update).double()
             loss.centers.data.copy_(c)
-            want = naive_center(x.tolist(), y.tolist(), c.tolist(), reduction)
+            want = losses.naive_center(x.tolist(), y.tolist(), c.tolist(), reduction)
             assert abs(loss(x, y).item() - want) < 1e-12
 
 
@@ -174,7 +158,7 @@ def test_joint_loss_is_ce_plus_lambda_times_center_term():
     total, parts = losses.JointSupervisionLoss(ctc, lam=0.3)(logits, x, torch.tensor(y))
     ce = sum(-logits[i, y[i]].item() + math.log(sum(math.exp(v) for v in logits[i].tolist()))
              for i in range(5)) / 5
-    want = ce + 0.3 * naive_contrastive_center(x.tolist(), y, c.tolist(), 1.0)  # Eq. 8
+    want = ce + 0.3 * losses.naive_contrastive_center(x.tolist(), y, c.tolist(), 1.0)  # Eq. 8
     assert abs(total.item() - want) < 1e-12
     assert abs(parts["ce"].item() - ce) < 1e-12
 
@@ -419,10 +403,32 @@ def test_recipe_defaults_and_explicit_override():
     ce = train.parse_args(lfw[2:] + ["--loss", "ce", "--lr", "0.02"])   # the setup stays yours, flags win
     assert (ce.recipe, ce.loss, ce.lr, ce.batch_size) == ("lfw-joint", "ce", 0.02, 64)
     assert train.parse_args(lfw + ["--recipe", "none"]).lr == 0.1
-    assert train.parse_args(lfw[:2] + ["--model", "resnet18"] + lfw[4:]).recipe == "none"  # not the paper's model
+    # the paper's training hyper-parameters whatever the backbone; model and data agree on 224 px
+    other = train.parse_args(lfw[:2] + ["--model", "resnet18"] + lfw[4:])
+    assert (other.recipe, other.model, other.lr, other.image_size) == ("lfw-joint", "resnet18", 0.01, 224)
     args.output_dir = "runs/x"
     line = train.config_line(args)
     assert line.startswith("config: recipe lfw-joint (matched") and "--lr 0.01" in line and "\n" not in line
+
+
+def test_model_and_data_agree_on_the_image_size_for_every_dataset():
+    """The input size is resolved once (32 px for CIFAR / npz, 224 otherwise): the model's
+    stem and the data's transforms both follow it (a CIFAR stem on 224 px LFW images was
+    the old default)."""
+    for name in data.DATASETS:
+        args = train.parse_args(["--dataset", name, "--recipe", "none", "--model", "resnet18", "--data-path", "x"])
+        want = 32 if name in ("cifar10", "cifar100", "npz") else 224
+        model = train.build_model_from_args(args, 3, load_weights=False)
+        assert args.image_size == want and model.small_input == (want == 32), name
+    with tmpdir() as d:  # a real LFW folder: its images come out at the size the model was built for
+        for person in ("Amy_B", "Bob_C"):
+            for i in range(1, 6):
+                _jpeg(os.path.join(d, person, f"{person}_{i:04d}.jpg"))
+        args = train.parse_args(["--dataset", "lfw", "--loss", "joint", "--model", "resnet18", "--data-path", d,
+                                 "--lfw-top-k", "2"])
+        train_set, test_set, _ = utils.build_datasets_from_args(args)
+        assert args.recipe == "lfw-joint" and args.lr == 0.01  # the LFW recipe, whatever the backbone
+        assert train_set[0][0].shape[-1] == test_set[0][0].shape[-1] == args.image_size == 224
 
 
 def test_seed001_schedule_and_constant_center_lr():
@@ -597,8 +603,8 @@ def test_tensor_evaluation_equals_the_dataloader_path():
         torch.manual_seed(0)
         for model in (models.build_model("resnet20", 3), models.build_model("resnet20", 3, heads=[1, 2], head_width=8)):
             for dataset in (test_set, val_set):
-                tensor = train.make_test_loader(dataset, 8, 0, torch.device("cpu"), normalize="cifar")
-                loader = train.make_test_loader(dataset, 8, 0, torch.device("cpu"))
+                tensor = utils.make_test_loader(dataset, 8, 0, torch.device("cpu"), normalize="cifar")
+                loader = utils.make_test_loader(dataset, 8, 0, torch.device("cpu"))
                 assert isinstance(tensor, data.TensorEvalLoader) and isinstance(loader, torch.utils.data.DataLoader)
                 for flip in (None, "v"):
                     a = train.evaluate(model, tensor, torch.device("cpu"), 3, [20, 15, 10], 14, 11, flip=flip)
@@ -709,12 +715,26 @@ def test_deep_supervision_loss_is_main_plus_alpha_times_aux_ce():
     assert abs(total.item() - (2.0 + 0.25 * ce)) < 1e-12 and abs(parts["aux"].item() - ce) < 1e-12
 
 
-def test_batch_top1_counts_the_final_head_on_the_ce_batch_only():
+def test_top1_counts_the_final_head_on_the_ce_batch_only():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]])   # argmax 0, 1, 0
-    assert abs(train.batch_top1({"logits": logits}, torch.tensor([0, 0, 0])).item() - 200 / 3) < 1e-4
-    # hybrid: one contrastive pair (rows 0-1 are its two views), then a CE batch of one image (row 2)
-    assert train.batch_top1({"logits": logits}, (torch.tensor([1]), torch.tensor([0]))).item() == 100.0
-    assert train.batch_top1({"logits": logits}, (torch.tensor([0]), torch.tensor([1]))).item() == 0.0
+    assert abs(train.top1(logits, torch.tensor([0, 0, 0])).item() - 200 / 3) < 1e-4
+
+    class Fixed(nn.Module):  # the same logits for any input
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return {"logits": logits + self.w, "projection": F.normalize(torch.ones(3, 4), dim=1) + self.w}
+
+    model, criterion = Fixed(), losses.HybridLoss(losses.SupConLoss(0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    # hybrid: one contrastive image (its two views are rows 0-1), then a CE batch of one image (row 2)
+    for ce_label, want in ((0, 100.0), (1, 0.0)):
+        batch = ((torch.zeros(1, 2, 3, 8, 8), torch.tensor([1])), (torch.zeros(1, 3, 8, 8), torch.tensor([ce_label])))
+        _, parts, _ = train.hybrid_step(batch, model, criterion, optimizer, place=lambda x: x,
+                                        amp=contextlib.nullcontext, alpha=0.5)
+        assert parts["top1"].item() == want
 
 
 def test_aux_heads_do_not_change_the_logits():
@@ -736,7 +756,7 @@ def test_aux_loss_reaches_the_early_layers():
         model = models.build_model("plain20", 10, deep_sup=deep_sup)
         out = model(x)
         main = torch.nn.functional.cross_entropy(out["logits"].detach(), y)  # main path cut off
-        loss, _ = train.compute_loss(None, {**out, "logits": out["logits"].detach()}, y, aux_weight=1.0)
+        loss, _ = train.add_deep_supervision(main, {}, out, y, aux_weight=1.0)
         if loss.requires_grad:
             loss.backward()
         grad = (model.backbone if deep_sup else model).stem[0].weight.grad
@@ -909,7 +929,7 @@ def test_nonfinite_step_changes_nothing_on_the_device():
 
     before = {k: v.clone() for k, v in {**model.state_dict(), **criterion.state_dict()}.items()}
     buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    finite = train.update(optimizer, joint_loss(float("nan")))
+    finite = utils.backward_and_step(optimizer, joint_loss(float("nan")))
     assert isinstance(finite, torch.Tensor) and not finite
     after = {**model.state_dict(), **criterion.state_dict()}
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -920,7 +940,7 @@ def test_nonfinite_step_changes_nothing_on_the_device():
     reference_logits = reference(x)                           # the same loss, before the centers move
     (F.cross_entropy(reference_logits, y) + args.lam * criterion.center_loss(reference_logits, y)).backward()
     reference_sgd.step()
-    assert train.update(optimizer, joint_loss(1.0))
+    assert utils.backward_and_step(optimizer, joint_loss(1.0))
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-6) and not torch.equal(p, before["weight" if p.dim() == 2 else "bias"])
 
@@ -1048,24 +1068,13 @@ def _data_error(fn, fragment):
 # ----------------------------------------------------------------------------------
 # losses
 # ----------------------------------------------------------------------------------
-def _naive_kd(zs, zt, T, t2):
-    """KL(p_t || p_s) with p_i = exp(z_i/T) / sum_j exp(z_j/T), averaged over samples."""
-    B, K = len(zs), len(zs[0])
-    total = 0.0
-    for b in range(B):
-        ps = [math.exp(zs[b][i] / T) / sum(math.exp(zs[b][j] / T) for j in range(K)) for i in range(K)]
-        pt = [math.exp(zt[b][i] / T) / sum(math.exp(zt[b][j] / T) for j in range(K)) for i in range(K)]
-        total += sum(pt[i] * (math.log(pt[i]) - math.log(ps[i])) for i in range(K)) / B
-    return total * T * T if t2 else total
-
-
 def test_kd_loss_matches_naive_loop():
     torch.manual_seed(0)
     zs, zt = torch.randn(3, 4, dtype=torch.float64) * 3, torch.randn(3, 4, dtype=torch.float64) * 3
     for temperature in (1.0, 4.0):
         for t2 in (True, False):
             got = losses.kd_loss(zs, zt, temperature=temperature, t2_scale=t2).item()
-            want = _naive_kd(zs.tolist(), zt.tolist(), temperature, t2)
+            want = losses.naive_kd(zs.tolist(), zt.tolist(), temperature, t2)
             assert abs(got - want) < 1e-12, (temperature, t2, got, want)
     # T^2 matters at T = 4: the two conventions differ by exactly 16.
     assert abs(losses.kd_loss(zs, zt, 4.0, t2_scale=True).item()
@@ -1469,22 +1478,6 @@ def test_complexity_counts_conv_and_linear_by_hand():
 # ----------------------------------------------------------------------------------
 # Hybrid network (seed 003): SC / PSC / MPSC, long-tailed data, class-balanced sampling
 # ----------------------------------------------------------------------------------
-def naive_supcon(z, y, tau):
-    """Eq. 2 (Khosla et al. 2020) over the N views, one anchor at a time: the mean
-    over anchors that have a positive of -1/|P(i)| sum_p log(e^{z_i.z_p/tau} / sum_{a != i} e^{z_i.z_a/tau})."""
-    N = len(z)
-    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
-    per_anchor = []
-    for i in range(N):
-        positives = [p for p in range(N) if p != i and y[p] == y[i]]
-        if not positives:
-            continue
-        denominator = sum(math.exp(dot(z[i], z[a]) / tau) for a in range(N) if a != i)
-        per_anchor.append(-sum(math.log(math.exp(dot(z[i], z[p]) / tau) / denominator)
-                               for p in positives) / len(positives))
-    return sum(per_anchor) / len(per_anchor) if per_anchor else 0.0
-
-
 def _views(B, V, d, seed):
     torch.manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(B, V, d, dtype=torch.float64), dim=2)
@@ -1498,7 +1491,7 @@ def test_supcon_matches_naive_loop_one_and_two_views():
             z = feats.reshape(6 * V, 5).tolist()
             y = labels.repeat_interleave(V).tolist()
             got = losses.SupConLoss(tau)(feats, labels).item()
-            assert abs(got - naive_supcon(z, y, tau)) < 1e-10, (V, tau, got)
+            assert abs(got - losses.naive_supcon(z, y, tau)) < 1e-10, (V, tau, got)
     # SupContrast's rescaling only when asked for
     feats = _views(6, 2, 5, seed=3)
     plain = losses.SupConLoss(0.1)(feats, labels)
@@ -1523,25 +1516,6 @@ def test_supcon_anchors_without_positive_and_gradcheck():
         lambda x: losses.SupConLoss(0.2)(torch.nn.functional.normalize(x, dim=2), torch.tensor([0, 1, 1, 2])), (raw,))
 
 
-def naive_psc(z, y, prototypes, K, M, tau, include_positive=False, weights="uniform"):
-    """Eq. 3 / 4: prototype k*M + m is the m-th prototype of class k (normalised here)."""
-    norm = lambda v: [a / math.sqrt(sum(b * b for b in v)) for a in v]
-    protos = [norm(p) for p in prototypes]
-    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
-    total = 0.0
-    for i in range(len(z)):
-        s = [[dot(z[i], protos[k * M + m]) / tau for m in range(M)] for k in range(K)]
-        denominator = sum(math.exp(s[k][m]) for k in range(K) for m in range(M)
-                          if include_positive or k != y[i])
-        own = s[y[i]]
-        if weights == "uniform":
-            w = [1.0 / M] * M
-        else:
-            w = [math.exp(v) / sum(math.exp(u) for u in own) for v in own]
-        total += -sum(w[m] * math.log(math.exp(own[m]) / denominator) for m in range(M))
-    return total / len(z)
-
-
 def test_psc_and_mpsc_match_naive_loop():
     labels = torch.tensor([0, 2, 2, 1, 0])  # class 3 absent from the batch
     for V in (1, 2):
@@ -1551,7 +1525,7 @@ def test_psc_and_mpsc_match_naive_loop():
                                          (3, False, "uniform", 0.1), (3, False, "softmax", 0.5)):
             torch.manual_seed(M)
             loss = losses.PSCLoss(4, 6, tau, M, include, weights).double()
-            want = naive_psc(z, y, loss.prototypes.tolist(), 4, M, tau, include, weights)
+            want = losses.naive_psc(z, y, loss.prototypes.tolist(), 4, M, tau, include, weights)
             assert abs(loss(feats, labels).item() - want) < 1e-10, (V, M, include, weights)
     # one sample; float64 gradcheck through features and prototypes
     loss = losses.PSCLoss(3, 4, 0.5, 2).double()
@@ -1578,7 +1552,7 @@ def test_hybrid_alpha_and_objective():
     total, parts = losses.HybridLoss(con)(feats, con_labels, logits, ce_labels, 0.25)
     ce = -sum(math.log(math.exp(logits[i, ce_labels[i]].item()) / sum(math.exp(v) for v in logits[i].tolist()))
               for i in range(3)) / 3
-    want = 0.25 * naive_supcon(feats.reshape(8, 5).tolist(), con_labels.repeat_interleave(2).tolist(), 0.1) + 0.75 * ce
+    want = 0.25 * losses.naive_supcon(feats.reshape(8, 5).tolist(), con_labels.repeat_interleave(2).tolist(), 0.1) + 0.75 * ce
     assert abs(total.item() - want) < 1e-10 and set(parts) == {"con", "ce"}
 
 
@@ -1606,8 +1580,8 @@ def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_s
             for sampler in ("instance", "class-balanced"):
                 args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--batch-size", "50", "--workers",
                                          "0", "--loader", loader, "--sampler", sampler, "--device", "cpu"])
-                train_set = train.build_datasets_from_args(args)[0]
-                batches, order = train.make_train_loader(args, train_set, torch.device("cpu"))
+                train_set = utils.build_datasets_from_args(args)[0]
+                batches, order = utils.make_train_loader(args, train_set, torch.device("cpu"))
                 labels = []
                 for epoch in range(4):
                     order.set_epoch(epoch)
@@ -1735,11 +1709,12 @@ _FLAG_CONTEXTS = [[], ["--recipe", "none"], ["--dataset", "npz"], ["--loss", "jo
                   ["--probe-gradients", "2"], ["--model", "plain20"], ["--dataset", "lfw"], ["--dataset", "cub"],
                   ["--warmup-iters", "5"], ["--recipe", "none", "--iters", "10"], ["--recipe", "none", "--milestones"],
                   ["--val-split", "0.1"], ["WORLD_SIZE=2"]]
-# Out-of-range and in-range values per range of train.py's table, written from the range's meaning.
-_RANGE_VALUES = {"POSITIVE": (["0", "-1"], "0.5"), "NON_NEGATIVE": (["-1"], "2"), "AT_LEAST_1": (["0"], "2"),
-                 "AT_LEAST_2": (["1"], "2"), "UNIT": (["-0.1", "1.5"], "0.5"), "BELOW_ONE": (["-0.1", "1"], "0.5"),
-                 "GAMMA": (["0", "1.5"], "0.5"), "SEED": (["-1", str(2 ** 32)], "1"), "IMAGE_SIDE": (["8"], "32"),
-                 "STAGES": (["2,1", "-1"], "1"), "STEPS": ([["3", "2"], ["-1"]], ["2", "3"])}
+# Out-of-range and in-range values per range (the words of train.py's ranged types), from the range's meaning.
+_RANGE_VALUES = {"> 0": (["0", "-1"], "0.5"), ">= 0": (["-1"], "2"), ">= 1": (["0"], "2"), ">= 2": (["1"], "2"),
+                 "in [0, 1]": (["-0.1", "1.5"], "0.5"), "in [0, 1)": (["-0.1", "1"], "0.5"),
+                 "in (0, 1]": (["0", "1.5"], "0.5"), "in [0, 2**32)": (["-1", str(2 ** 32)], "1"),
+                 ">= 16": (["8"], "32"), "stage indices >= 0 in increasing order": (["2,1", "-1"], "1"),
+                 "numbers >= 0 in increasing order": ([["3", "2"], ["-1"]], ["2", "3"])}
 _GOOD_VALUE = {"many_threshold": "200", "heads": "1,2", "data_path": "x", "weights": "x.pth", "output_dir": "o",
                "resume": "auto", "device": "cpu", "multistep": "2"}
 
@@ -1763,16 +1738,16 @@ def _try_parse(argv):
 
 
 def test_every_flag_is_used_or_rejected_and_range_checked():
-    """From train.FLAG_RULES: every flag of the parser has a rule; a conditional flag
-    is accepted in some context and rejected in another with one line naming it;
-    an unconditional one is never called unused; each range rejects values just
-    outside it (one line naming the flag) and accepts one inside."""
+    """From train.get_args_parser(): a flag of a conditional argument group is accepted
+    in some context and rejected in another with one line naming it; a flag outside
+    them is never called unused; each ranged type rejects values just outside its
+    range (one line naming the flag) and accepts one inside."""
     parser = train.get_args_parser()
+    conditions = utils.flag_conditions(parser)
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
-    assert set(actions) == set(train.FLAG_RULES), set(actions) ^ set(train.FLAG_RULES)
-    range_names = {id(v): k for k, v in vars(train).items() if k in _RANGE_VALUES}
-    for dest, (when, valid) in train.FLAG_RULES.items():
-        action, flag = actions[dest], actions[dest].option_strings[-1]
+    assert set(conditions) < set(actions) and len(conditions) > 20
+    for dest, action in actions.items():
+        flag, words = action.option_strings[-1], getattr(action.type, "words", None)
 
         def typed(value):
             if action.nargs == 0:
@@ -1781,8 +1756,8 @@ def test_every_flag_is_used_or_rejected_and_range_checked():
 
         if dest in _GOOD_VALUE:
             good = _GOOD_VALUE[dest]
-        elif valid is not None:
-            good = _RANGE_VALUES[range_names[id(valid)]][1]
+        elif words is not None:
+            good = _RANGE_VALUES[words][1]
         elif action.choices:
             good = next((c for c in action.choices if c != action.default), action.default)
         else:
@@ -1796,11 +1771,11 @@ def test_every_flag_is_used_or_rejected_and_range_checked():
                 assert err.count("\n") == 1, err
                 unused = context
         assert accepted is not None, (flag, good)
-        assert (unused is None) == (when is None), (flag, when, unused)
-        if valid is not None:
-            for bad in _RANGE_VALUES[range_names[id(valid)]][0]:
+        assert (unused is None) == (dest not in conditions), (flag, unused)
+        if words is not None:
+            for bad in _RANGE_VALUES[words][0]:
                 args, err = _try_parse(accepted + typed(bad))
-                assert args is None and err.startswith(f"error: {flag} must be {valid[0]}") \
+                assert args is None and err.startswith(f"error: {flag} must be {words}") \
                     and err.count("\n") == 1, (flag, bad, err)
     for argv, flag in ((["--loss", "ce", "--multistep", "2", "--kd", "decision"], "--multistep"),
                        (["--lr", "-1"], "--lr"), (["--recipe", "none", "--tau", "0.2"], "--tau"),
@@ -1872,12 +1847,12 @@ def test_step_one_leaves_the_last_stage_and_its_head_bit_identical():
     model = models.build_model("resnet20", 4, heads=[1, 2], head_width=8)
     optimizer = train.build_optimizer(args, model, None)
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
-    train.mksmt_step(model, optimizer, images, labels, args)  # momentum buffers now exist everywhere
+    _mksmt_step(model, optimizer, images, labels, args)  # momentum buffers now exist everywhere
     deep = {n: p.detach().clone() for n, p in model.named_parameters()
             if n.startswith(("backbone.groups.2.", "heads.1."))}
     shallow = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("backbone.groups.1.")}
     out = model(images, upto=1)
-    assert train.update(optimizer, F.cross_entropy(out["logits"], labels))  # step (a)
+    assert utils.backward_and_step(optimizer, F.cross_entropy(out["logits"], labels))  # step (a)
     for n, p in model.named_parameters():
         if n in deep:
             assert torch.equal(p, deep[n]), f"step (a) moved {n}"
@@ -1891,6 +1866,11 @@ def test_step_one_leaves_the_last_stage_and_its_head_bit_identical():
             p.grad = torch.zeros_like(p)
     optimizer.step()
     assert any(not torch.equal(p, deep[n]) for n, p in model.named_parameters() if n in deep)
+
+
+def _mksmt_step(model, optimizer, images, labels, args):
+    """train.py's MKSMT step with the settings of ``args``, on the CPU."""
+    return train.bind_step(args, model, None, optimizer, None, torch.device("cpu"))((images, labels))
 
 
 def test_multistep_counts_updates_and_kd_variants():
@@ -1907,7 +1887,7 @@ def test_multistep_counts_updates_and_kd_variants():
         calls = []
         step = optimizer.step
         optimizer.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
-        loss, parts, finite = train.mksmt_step(model, optimizer, images, labels, args)
+        loss, parts, finite = _mksmt_step(model, optimizer, images, labels, args)
         assert finite and len(calls) == steps, (extra, len(calls))
         assert set(parts) == {f"ce_s{s}" for s in heads} | {"kd"}
         assert (parts["kd"].item() == 0) == ("none" in extra)
@@ -2223,7 +2203,7 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch():
 
 _DDP_STEP_ONE = """
 import os, sys, torch, torch.distributed as dist, torch.nn.functional as F
-import models, train
+import models, train, utils
 def run(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -2233,10 +2213,10 @@ def run(rank, port):
     optimizer = train.build_optimizer(args, model, None)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    train.mksmt_step(ddp, optimizer, x, y, args)
+    train.bind_step(args, ddp, None, optimizer, None, torch.device('cpu'))((x, y))
     deep = {n: p.detach().clone() for n, p in model.named_parameters()
             if n.startswith(("backbone.groups.2.", "heads.1."))}
-    train.update(optimizer, F.cross_entropy(ddp(x, upto=1)["logits"], y))
+    utils.backward_and_step(optimizer, F.cross_entropy(ddp(x, upto=1)["logits"], y))
     assert all(torch.equal(p, deep[n]) for n, p in model.named_parameters() if n in deep)
     print("rank", rank, "ok", flush=True)
     dist.destroy_process_group()
@@ -2262,22 +2242,22 @@ def test_amp_bf16_and_channels_last_train_and_evaluate():
     hybrid SupCon matmul would otherwise run in bf16)."""
     seen = []
 
-    def spy(criterion, out, labels, *rest):
-        seen.extend(v.dtype for v in out.values() if torch.is_tensor(v))
-        return compute_loss(criterion, out, labels, *rest)
+    def spy(self, projections, con_labels, logits, *rest):
+        seen.extend([projections.dtype, logits.dtype])
+        return forward(self, projections, con_labels, logits, *rest)
 
-    compute_loss = train.compute_loss
+    forward = losses.HybridLoss.forward
     with tmpdir() as d:
         npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
         out = os.path.join(d, "r")
-        train.compute_loss = spy
+        losses.HybridLoss.forward = spy
         try:
             assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
                                                 "--loss", "hybrid-sc", "--batch-size", "8", "--workers", "0",
                                                 "--iters", "2", "--amp", "bf16", "--channels-last",
                                                 "--output-dir", out])) == 0
         finally:
-            train.compute_loss = compute_loss
+            losses.HybridLoss.forward = forward
         assert seen and set(seen) == {torch.float32}, seen
         row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])

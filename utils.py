@@ -1,0 +1,931 @@
+"""The machinery of train.py, kept out of its reading path (as torchvision keeps
+references/classification/utils.py beside its train.py): the command line's
+one-line errors and flag groups, devices and mixed precision, the optimizer step
+that skips a non-finite loss on the device, the step meter and the run's
+bookkeeping between steps (progress lines, signals, the non-finite stop),
+checkpoints with every RNG state, data loaders, distributed setup, strict JSON.
+
+Nothing here is a training method: the methods, their recipes and the training
+loop are in train.py.
+"""
+import argparse
+import builtins
+import functools
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import models
+
+
+# ----------------------------------------------------------------------------------
+# Command line: one-line errors, value ranges, flag groups that apply to some runs only
+# ----------------------------------------------------------------------------------
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit code 2), not the usage
+    block; argparse's "argument --lr: must be > 0" reads "--lr must be > 0"."""
+
+    def error(self, message):
+        flags, sep, rest = message.partition(": must be ")
+        if sep and flags.startswith("argument "):
+            message = f"{flags[len('argument '):].split('/')[-1]} must be {rest}"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def ranged(kind, words, test):
+    """An argparse ``type``: ``kind`` (int / float / a parser of its own) whose value
+    must pass ``test``; else argparse reports "--flag must be <words>, got <value>"."""
+    def parse(text):
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+    parse.__name__ = f"{getattr(kind, '__name__', 'value')} {words}"
+    parse.words = words
+    return parse
+
+
+def conditional_group(parser, title, when=None):
+    """An argument group whose flags apply only when ``when`` = (in words, test on
+    the parsed arguments) holds; ``check_groups`` rejects them otherwise."""
+    group = parser.add_argument_group(title + (f" (with {when[0]})" if when else ""))
+    group.when = when
+    return group
+
+
+POSITIVE = ranged(float, "> 0", lambda v: v > 0)
+NON_NEGATIVE = ranged(float, ">= 0", lambda v: v >= 0)
+COUNT = ranged(int, ">= 0", lambda v: v >= 0)
+AT_LEAST_1 = ranged(int, ">= 1", lambda v: v >= 1)
+AT_LEAST_2 = ranged(int, ">= 2", lambda v: v >= 2)
+UNIT = ranged(float, "in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_ONE = ranged(float, "in [0, 1)", lambda v: 0 <= v < 1)
+GAMMA = ranged(float, "in (0, 1]", lambda v: 0 < v <= 1)
+SEED = ranged(int, "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32)
+IMAGE_SIDE = ranged(int, ">= 16", lambda v: v >= 16)
+STEP = ranged(int, "numbers >= 0 in increasing order", lambda v: v >= 0)
+SMALL_DATASETS = ("cifar10", "cifar100", "npz")
+FILE_DATASETS = ("imagefolder", "lfw", "cub", "inat", "nabirds", "dogs")
+
+
+def add_data_arguments(parser):
+    """The flags of data.py's datasets and loaders."""
+    group = functools.partial(conditional_group, parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    g.add_argument("--data-path", help="dataset root or .npz file (cifar default: ./data)")
+    g.add_argument("--image-size", type=IMAGE_SIDE, help="input side (default: 32 for CIFAR/npz, else 224)")
+    g.add_argument("--normalize", choices=sorted(data.NORMALIZATIONS),
+                   help="pixel normalisation (default per dataset; seed001 = x*2/255-1)")
+    g.add_argument("--val-split", type=BELOW_ONE, default=0.0, metavar="F",
+                   help="hold out a stratified fraction F of the training set (seeded by --split-seed; after "
+                        "the long-tailed cut) and evaluate it as val_* in metrics.jsonl: select on it, never on test")
+    g.add_argument("--many-threshold", type=COUNT, default=100,
+                   help="many-shot classes have more than this many training images")
+    g.add_argument("--few-threshold", type=COUNT, default=20,
+                   help="few-shot classes have fewer than this many training images")
+    g.add_argument("--workers", type=COUNT, default=2, help="DataLoader worker processes")
+    g.add_argument("--loader", default="auto", choices=["auto", "tensor", "torch"],
+                   help="tensor: the uint8 training set lives on the device and batches are augmented "
+                        "there in batched ops; torch: DataLoader + PIL transforms; auto: tensor when it fits")
+    group("downloads", ("--dataset cifar10 or cifar100", lambda a: a.dataset in ("cifar10", "cifar100"))).add_argument(
+        "--download", action="store_true", help="download CIFAR with torchvision")
+    g = group("long-tailed data", ("--dataset cifar10, cifar100 or npz", lambda a: a.dataset in SMALL_DATASETS))
+    g.add_argument("--imbalance-ratio", type=ranged(float, ">= 1", lambda v: v >= 1), metavar="BETA",
+                   help="make the training set long-tailed: n_max/n_min = BETA")
+    group("LFW", ("--dataset lfw", lambda a: a.dataset == "lfw")).add_argument(
+        "--lfw-top-k", type=AT_LEAST_2, default=20, help="keep the k identities with most images")
+    group("CUB", ("--dataset cub", lambda a: a.dataset == "cub")).add_argument(
+        "--cub-classes", type=AT_LEAST_2, help="keep the first N classes, 8:2 split")
+    group("splits", ("--dataset lfw or cub, --imbalance-ratio or --val-split",
+                     lambda a: a.dataset in ("lfw", "cub") or a.imbalance_ratio is not None or a.val_split > 0)
+          ).add_argument("--split-seed", type=SEED, default=0,
+                         help="seed of the LFW / CUB-subset 8:2 split, the long-tailed subset and the "
+                              "validation split (fixed across --seed on purpose)")
+    group("image files", ("a file-based --dataset (" + ", ".join(FILE_DATASETS) + ")",
+                          lambda a: a.dataset in FILE_DATASETS)).add_argument(
+        "--skip-corrupt", action="store_true", help="open every image once at start and drop unreadable ones")
+
+
+def add_run_arguments(parser):
+    """The flags of the machinery: device, precision, output, checkpoints, distribution."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=ranged(int, "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32), default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast mixed precision for training and evaluation (fp16 with GradScaler, CUDA only)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
+    g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode for the training and evaluation forward")
+    g.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
+    g.add_argument("--eval-every", type=ranged(int, ">= 1", lambda v: v >= 1), default=1, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--print-freq", type=ranged(int, ">= 1", lambda v: v >= 1), default=50, help="progress line every N iterations")
+    g.add_argument("--resume", help="checkpoint.pth to continue from, exactly where it stopped; "
+                   "'auto' = output-dir/checkpoint.pth if it exists")
+    g.add_argument("--save-every", type=ranged(int, ">= 0", lambda v: v >= 0), default=0,
+                   help="also checkpoint every N iterations (always at the end of each epoch)")
+    g.add_argument("--skip-nonfinite", type=ranged(int, ">= 0", lambda v: v >= 0), default=0,
+                   help="skip up to K batches whose loss is NaN/inf instead of stopping")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms + cuDNN deterministic (slower on GPU)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    conditional_group(parser, "distributed", ("torchrun (WORLD_SIZE > 1)",
+                                              lambda a: int(os.environ.get("WORLD_SIZE", 1)) > 1)
+                      ).add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+
+
+def option_names(parser):
+    """dest -> the flag as typed (lam -> --lambda)."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def flag_conditions(parser):
+    """dest -> (in words, test) of the group it belongs to, for conditional flags."""
+    return {a.dest: group.when for group in parser._action_groups if getattr(group, "when", None)
+            for a in group._group_actions}
+
+
+def explicit_dests(parser, argv):
+    """The dests of the flags actually typed in ``argv`` (not defaults, not a recipe's)."""
+    saved, saved_defaults = {a.dest: a.default for a in parser._actions}, parser._defaults
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults = {}  # a recipe's values (set_defaults) are not typed either
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        parser._defaults = saved_defaults
+        for action in parser._actions:
+            action.default = saved[action.dest]
+
+
+def check_groups(parser, args, argv):
+    """The first flag typed in ``argv`` whose group does not apply to ``args``, as
+    one line, or None."""
+    explicit, names = explicit_dests(parser, argv), option_names(parser)
+    for dest, (words, applies) in flag_conditions(parser).items():
+        if dest in explicit and not applies(args):
+            return f"{names[dest]} applies only with {words}; drop it or change the run"
+    return None
+
+
+def config_line(parser, args, defaults):
+    """The recipe and the flags (used by this run) that differ from ``defaults``, in one line."""
+    names, conditions = option_names(parser), flag_conditions(parser)
+    changed = []
+    for dest, value in vars(args).items():
+        if dest in ("recipe", "output_dir") or dest not in names or value == defaults.get(dest) \
+                or (dest in conditions and not conditions[dest][1](args)):  # unused by this run
+            continue
+        if isinstance(value, bool):
+            changed.append(names[dest])
+        else:
+            shown = (" ".join(map(str, value)) or "(none)") if isinstance(value, list) else value
+            changed.append(f"{names[dest]} {shown}")
+    recipe = args.recipe + (" (matched the setup; --recipe none turns it off)" if args.recipe_matched else "")
+    return f"config: recipe {recipe}; " + (" ".join(changed) or "all defaults") + \
+        f"; the full configuration is in {os.path.join(args.output_dir, 'config.json')}"
+
+
+def stage_list(text):
+    """'1,2' -> [1, 2]: stage indices >= 0 in increasing order (--deep-sup, --heads)."""
+    try:
+        stages = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be stage indices like 1 or 1,2, got {text}") from None
+    if any(s < 0 for s in stages) or stages != sorted(set(stages)):
+        raise argparse.ArgumentTypeError(f"must be stage indices >= 0 in increasing order, got {text}")
+    return stages
+
+
+stage_list.words = "stage indices >= 0 in increasing order"
+
+
+def run_with_one_line_errors(main, args):
+    """``main(args)``, with a DataError turned into one line on stderr and exit code 2
+    (a bad flag already exits with 2 in the parser); --debug shows the traceback."""
+    try:
+        return main(args)
+    except data.DataError as e:
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def one_line(error):
+    """The user's line of a DataError, also when a DataLoader worker re-raised it
+    wrapped in its own traceback text."""
+    last = (str(error).strip().splitlines() or [""])[-1]
+    return last.split("DataError: ", 1)[-1]
+
+
+# ----------------------------------------------------------------------------------
+# Devices, seeds, mixed precision, the optimizer step
+# ----------------------------------------------------------------------------------
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls (CUDA >= 10.2).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp, device_type):
+    """torch.autocast for ``amp`` "bf16" / "fp16"; a no-op context for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
+
+
+def to_float32(out):
+    """``out`` (a model's dict of tensors and lists of tensors) with every
+    floating tensor in fp32: what autocast left in bf16 / fp16 is cast up, so
+    the loss that follows is computed in fp32."""
+    if isinstance(out, dict):
+        return {k: to_float32(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(to_float32(v) for v in out)
+    return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+def to_device(tensor, device, channels_last=False):
+    """A batch tensor on ``device``; images (4-d) contiguous, or channels-last when asked."""
+    if tensor.dim() == 4:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return tensor.to(device, non_blocking=True, memory_format=memory_format)
+    return tensor.to(device, non_blocking=True)
+
+
+def fused_sgd_works(device):
+    """True where torch has a fused SGD kernel for ``device`` (CPU and CUDA in recent
+    torch). Its step reads a device flag (``found_inf``) and leaves everything
+    untouched when it is set, so a non-finite loss is skipped without the host
+    ever reading the loss (see ``backward_and_step``)."""
+    p = torch.zeros(1, device=device, requires_grad=True)
+    p.grad = torch.zeros(1, device=device)
+    try:
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def init_momentum_buffers(optimizer):
+    """Give every parameter with momentum a zero momentum buffer before its first step.
+    SGD with dampening 0 then computes buf = 0.9 * 0 + g = g on the first step, the
+    same as when it creates the buffer itself; but a first step that the fused kernel
+    skips (``found_inf``) would otherwise leave an uninitialised buffer behind."""
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def backward_and_step(optimizer, loss, scaler=None):
+    """``loss.backward()`` and one optimizer step, applied only when ``loss`` is
+    finite. Returns a 0-dim bool tensor on the loss's device: True if the step
+    was applied.
+
+    The host never reads ``loss`` here: with a fused SGD a non-finite loss sets
+    the kernel's ``found_inf`` flag on the device, and the step leaves
+    parameters, momentum buffers and centers untouched. With ``--amp fp16`` the
+    GradScaler does the same (a non-finite loss gives non-finite gradients, which
+    it skips, halving its scale). Only an optimizer without a fused kernel (e.g.
+    on MPS) falls back to one host check per step. Gradients are set to None
+    first, so parameters that ``loss`` does not reach have no gradient and SGD
+    leaves them, their weight decay and their momentum buffers untouched."""
+    optimizer.zero_grad(set_to_none=True)
+    finite = torch.isfinite(loss.detach())                                  # (), bool, on the device
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return finite
+    if not optimizer.defaults.get("fused"):
+        if finite:  # a device sync: only without a fused kernel
+            loss.backward()
+            optimizer.step()
+        return finite
+    loss.backward()
+    optimizer.found_inf = (~finite).float()   # read by the fused kernel on the device
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return finite
+
+
+# ----------------------------------------------------------------------------------
+# The run between two steps: loss sums on the device, progress, signals, non-finite stop
+# ----------------------------------------------------------------------------------
+class StopTraining(Exception):
+    """Raised between two steps: a signal asked us to stop, or the loss went
+    non-finite. Carries the exit code."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StepMeter:
+    """The epoch's loss sums and the non-finite guard, kept on the device: a step adds
+    to them without the host reading anything (a ``.item()`` per term per step
+    would make the host wait for the GPU several times per iteration). ``read()``
+    copies everything to the host in one transfer; the run calls it once per
+    ``--print-freq`` window, at the end of the epoch and before a checkpoint.
+
+    sums: {name: float} and count: the epoch so far (a resumed epoch's progress);
+    nonfinite: non-finite steps since the run started; iteration: the global
+    iteration of the next step."""
+
+    def __init__(self, device, iteration, sums=None, count=0, nonfinite=0):
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.names = list(sums or {})
+        self.sums = torch.tensor([sums[k] for k in self.names], dtype=self.dtype, device=device)   # (T,)
+        self.count = torch.tensor(float(count), dtype=self.dtype, device=device)
+        self.nonfinite = torch.tensor(float(nonfinite), dtype=self.dtype, device=device)
+        self.iteration = torch.tensor(float(iteration), dtype=self.dtype, device=device)
+        self.first_bad = torch.tensor(-1.0, dtype=self.dtype, device=device)   # not yet reported
+        self.bad_terms = torch.zeros(len(self.names), dtype=torch.bool, device=device)
+
+    def add(self, loss, parts, finite):
+        """loss, parts' values: 0-dim tensors; finite: 0-dim bool (the step applied)."""
+        names = ["loss", *parts]
+        if names != self.names:
+            if self.names:
+                raise RuntimeError(f"loss terms changed within an epoch: {self.names} -> {names}")
+            self.names = names
+            self.sums = self.sums.new_zeros(len(names))
+            self.bad_terms = self.bad_terms.new_zeros(len(names))
+        values = torch.stack([loss.detach().to(self.dtype)] + [v.to(self.dtype) for v in parts.values()])  # (T,)
+        bad = ~finite
+        self.sums += torch.where(finite, values, 0.0)       # a skipped step adds nothing
+        self.count += finite
+        self.nonfinite += bad
+        self.bad_terms |= bad & ~torch.isfinite(values)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.iteration, self.first_bad)
+        self.iteration += 1
+
+    def read(self):
+        """One device-to-host copy -> {"sums": {name: float}, "count": int,
+        "nonfinite": int, "first_bad": int or None, "bad_terms": [names]}."""
+        flat = torch.cat([self.sums, torch.stack([self.count, self.nonfinite, self.first_bad]),
+                          self.bad_terms.to(self.dtype)]).tolist()
+        T = len(self.names)
+        count, nonfinite, first_bad = flat[T:T + 3]
+        return {"sums": dict(zip(self.names, flat[:T])), "count": int(count), "nonfinite": int(nonfinite),
+                "first_bad": int(first_bad) if first_bad >= 0 else None,
+                "bad_terms": [n for n, b in zip(self.names, flat[T + 3:]) if b and n != "loss"]}
+
+    def reported(self):
+        """Forget the non-finite steps just reported (device ops only)."""
+        self.first_bad.fill_(-1.0)
+        self.bad_terms.zero_()
+
+
+class Run:
+    """Where a training run stands and what happens between two steps.
+
+    State (saved in the checkpoint as ``progress``): the global ``iteration``, the
+    epoch's loss sums so far, the non-finite steps skipped, the seconds trained.
+    Between steps (``end_step``): the progress line every ``print_freq``
+    iterations, the non-finite check (stop with exit code 3 beyond
+    ``skip_nonfinite``), a pending SIGINT / SIGTERM (finish the step, save, stop
+    with 128 + signal), ``save_every`` checkpoints. ``save()`` is the caller's
+    checkpoint writer."""
+
+    PROGRESS = ("iteration", "epoch_sums", "epoch_count", "skipped_nonfinite", "seconds")
+
+    def __init__(self, total_iters, iters_per_epoch, images_per_step, device, print_freq=50, save_every=0,
+                 skip_nonfinite=0, save=lambda: None):
+        self.total_iters, self.iters_per_epoch, self.images_per_step = total_iters, iters_per_epoch, images_per_step
+        self.device, self.print_freq, self.save_every, self.skip_nonfinite = device, print_freq, save_every, skip_nonfinite
+        self.save = save
+        self.iteration, self.epoch_sums, self.epoch_count, self.skipped_nonfinite, self.seconds = 0, {}, 0, 0, 0.0
+        self.stop_signal = None
+
+    def progress(self):
+        self.seconds = time.time() - self.start_time
+        return {k: getattr(self, k) for k in self.PROGRESS}
+
+    def begin(self, progress=None):
+        """Start (or continue from a checkpoint's ``progress``) the clock and the counters."""
+        for key, value in (progress or {}).items():
+            setattr(self, key, value)
+        # start_time is shifted by the seconds already trained, so "seconds" keeps counting across resumes
+        self.start_iteration, self.process_start = self.iteration, time.time()
+        self.start_time = time.time() - self.seconds
+
+    @contextlib.contextmanager
+    def signals_stop_at_a_step_boundary(self):
+        """SIGINT / SIGTERM set ``stop_signal``; the run saves and stops after the
+        step in flight. A second Ctrl-C stops at once."""
+        def on_signal(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            print(f"signal {signum}: finishing this step, then saving a checkpoint", flush=True)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def start_epoch(self, epoch):
+        """-> (position in the epoch, > 0 only when resumed mid-epoch; a fresh StepMeter)."""
+        position = self.iteration - epoch * self.iters_per_epoch
+        if position == 0:
+            self.epoch_sums, self.epoch_count = {}, 0
+        self.epoch, self.epoch_end = epoch, min((epoch + 1) * self.iters_per_epoch, self.total_iters)
+        self.window_start, self.window_images, self.means, self.read_at = time.time(), 0, None, None
+        return position, StepMeter(self.device, self.iteration, self.epoch_sums, self.epoch_count,
+                                   self.skipped_nonfinite)
+
+    def end_step(self, meter, lr):
+        """After a step: count it, print / check / save when due. True when the epoch ended."""
+        self.iteration += 1
+        self.window_images += self.images_per_step
+        if self.iteration % self.print_freq == 0 or self.iteration == self.total_iters:
+            self.means, self.read_at = self.check(meter), self.iteration
+            now = time.time()
+            eta = (now - self.process_start) / (self.iteration - self.start_iteration) * (self.total_iters - self.iteration)
+            print(f"epoch {self.epoch} iter {self.iteration}/{self.total_iters} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in self.means.items())
+                  + f" lr {lr:.4g} {self.window_images / max(now - self.window_start, 1e-9):.1f} img/s"
+                  f" eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+            self.window_start, self.window_images = now, 0
+        if self.iteration == self.epoch_end:
+            return True  # the caller evaluates, saves, and honours a pending signal
+        if self.stop_signal is not None:
+            self.check(meter)
+            self.save()
+            raise StopTraining(f"stopped by signal {self.stop_signal} at iteration {self.iteration}; "
+                               f"continue with the same command plus --resume auto", 128 + self.stop_signal)
+        if self.save_every and self.iteration % self.save_every == 0:
+            self.check(meter)
+            self.save()
+        return False
+
+    def end_epoch(self, meter):
+        """The epoch's mean loss terms (one more read of the meter unless the last window just ended)."""
+        return self.means if self.read_at == self.iteration else self.check(meter)
+
+    def check(self, meter):
+        """Read ``meter`` (one device sync). Non-finite steps since the last check: stop
+        with exit code 3 when there are more than ``skip_nonfinite`` in the run,
+        else warn. Those steps changed nothing (``backward_and_step``); the steps
+        after them did apply. Called before every checkpoint, so no checkpoint is
+        written after a non-finite step that stops the run: the last good one stays.
+        Returns the epoch's mean loss terms so far."""
+        r = meter.read()
+        self.epoch_sums, self.epoch_count = r["sums"], r["count"]
+        new = r["nonfinite"] - self.skipped_nonfinite
+        if new > 0:
+            where = (f"non-finite loss ({', '.join(r['bad_terms']) or 'total'}) at iteration {r['first_bad']}"
+                     + (f" and {new - 1} more step(s) since" if new > 1 else ""))
+            if r["nonfinite"] > self.skip_nonfinite:
+                raise StopTraining(f"{where}; stopped, the last good checkpoint stays on disk "
+                                   f"(lower --lr / --center-lr, or pass --skip-nonfinite K)", 3)
+            self.skipped_nonfinite = r["nonfinite"]
+            meter.reported()
+            print(f"warning: {where}; skipped, nothing applied ({r['nonfinite']}/{self.skip_nonfinite})", flush=True)
+        return {k: v / max(r["count"], 1) for k, v in r["sums"].items()}
+
+    def stop_if_signalled(self, epoch):
+        if self.stop_signal is not None:  # arrived in the epoch's last step or its evaluation
+            raise StopTraining(f"stopped by signal {self.stop_signal} after epoch {epoch}; "
+                               f"continue with the same command plus --resume auto", 128 + self.stop_signal)
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints: a plain dict with every RNG state, atomic writes, exact resume
+# ----------------------------------------------------------------------------------
+def rng_states():
+    """Every global RNG the training step may draw from (dropout, stochastic depth),
+    as tensors / plain Python values so the checkpoint loads with weights_only."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file in the same folder, fsync, then rename, so a
+    kill at any moment leaves either the old or the new checkpoint, never a torn one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes):
+    """The checkpoint dict: model, loss parameters (centers, prototypes), optimizer,
+    scheduler, the run's progress, every RNG state, the resolved arguments."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "criterion": criterion.state_dict() if criterion is not None else {},
+            "scheduler": scheduler.state_dict(), "epoch": run.iteration // run.iters_per_epoch,
+            "iteration": run.iteration, "progress": run.progress(), "rng": rng_states(),
+            "num_classes": num_classes, "args": vars(args),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with one-line errors for a missing, truncated
+    or foreign file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"checkpoint {path} not found: pass --checkpoint/--resume runs/<name>/checkpoint.pth")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise data.DataError(f"cannot load checkpoint {path}: truncated or not a torch file ({reason})") from None
+    lacking = [k for k in ("model", "iteration", "args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if lacking:
+        raise data.DataError(f"{path} is not a train.py checkpoint: it has no {', '.join(lacking)}")
+    return ckpt
+
+
+def load_state_checked(module, state, path, what):
+    """load_state_dict, but a mismatch is one line naming the keys that do not fit."""
+    own = module.state_dict()
+    problems = {"missing": [k for k in own if k not in state],
+                "unexpected": [k for k in state if k not in own],
+                "wrong shape": [k for k in own if k in state and state[k].shape != own[k].shape]}
+    if any(problems.values()):
+        raise data.DataError(f"checkpoint {path} does not fit this {what}: " + "; ".join(
+            f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})" for kind, keys in problems.items() if keys))
+    module.load_state_dict(state)
+
+
+def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
+    """--resume PATH / auto: load model, loss parameters, optimizer, scheduler, scaler
+    and RNG states, and trim metrics.jsonl to the checkpoint. Returns (path, the
+    run's progress) or (None, None) for a fresh run (whose old metrics are removed)."""
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    path = ckpt_path if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(ckpt_path):
+        print(f"--resume auto: no {ckpt_path} yet, starting fresh", flush=True)
+        path = None
+    if path is None:
+        if rank == 0 and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
+        return None, None
+    ckpt = load_checkpoint(path)
+    load_state_checked(model, ckpt["model"], path, args.model)
+    if criterion is not None:
+        load_state_checked(criterion, ckpt.get("criterion", {}), path, f"--loss {args.loss}")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        init_momentum_buffers(optimizer)  # a checkpoint from before a parameter's first step
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError) as e:
+        raise data.DataError(f"checkpoint {path} was trained with other optimizer groups "
+                             f"(a different --loss?): {e}") from None
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    return path, ckpt
+
+
+def restore_progress(path, ckpt, rank=0):
+    """The RNG states and the run's progress of a checkpoint that ``resume`` loaded."""
+    if "rng" in ckpt:
+        set_rng_states(ckpt["rng"])
+    else:
+        print(f"{path} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
+    progress = ckpt.get("progress", {"iteration": ckpt["iteration"]})
+    if rank == 0:
+        keep_metrics_up_to(os.path.join(os.path.dirname(path), "metrics.jsonl"), progress["iteration"])
+    print(f"resumed from {path} at iteration {progress['iteration']}", flush=True)
+    return progress
+
+
+def keep_metrics_up_to(path, iteration):
+    """On resume, drop metrics rows written after the checkpoint (a kill between
+    the row and the checkpoint would otherwise leave a duplicate)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------
+# Output folder, metrics rows, strict JSON
+# ----------------------------------------------------------------------------------
+def default_output_dir(args):
+    name = args.recipe if args.recipe not in (None, "none") else f"{args.dataset}-{args.model}-{args.loss}"
+    return os.path.join("runs", f"{name}-seed{args.seed}")
+
+
+def prepare_output_dir(args):
+    """Create --output-dir and write config.json, or fail with one line."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise data.DataError(f"cannot write to --output-dir {args.output_dir} ({e.strerror}); "
+                             f"pass a writable folder") from None
+
+
+def log_evaluation(metrics_path, epoch, iteration, train_stats, results, extra):
+    """Append one row to metrics.jsonl and print the evaluation line. ``results``
+    maps "val" (with --val-split) and "test" to evaluate()'s output; their keys
+    become val_* and test_* columns. ``extra``: the row's last columns."""
+    record = {"epoch": epoch, "iteration": iteration, **{f"train_{k}": v for k, v in train_stats.items()}}
+    for split, result in results.items():
+        record.update({f"{split}_top1": result["top1"], f"{split}_top5": result["top5"],
+                       f"{split}_balanced_top1": result["balanced_top1"], f"{split}_loss": result["loss"],
+                       **{f"{split}_{k}": v for k, v in result.items()
+                          if k.startswith(("aux_top1", "head_top1")) or k in ("many_top1", "medium_top1", "few_top1")}})
+    record.update(extra)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+    line = f"eval epoch {epoch}: train loss {train_stats.get('loss', float('nan')):.4f}"
+    for split, result in results.items():
+        shots = [(g, result[g + "_top1"]) for g in ("many", "medium", "few")
+                 if result.get(g + "_top1") is not None and math.isfinite(result[g + "_top1"])]
+        line += (f" {split} top1 {result['top1']:.2f} top5 {result['top5']:.2f} balanced {result['balanced_top1']:.2f}"
+                 + "".join(f" {g} {v:.2f}" for g, v in shots if len(shots) > 1)
+                 + "".join(f" {k.replace('_top1_', ' ')} {v:.2f}" for k, v in result.items()
+                           if k.startswith("head_top1")))
+    print(line, flush=True)
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so json.dumps writes
+    strict JSON (null, never NaN / Infinity, which jq and JavaScript reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------
+# Data loaders: resumable order, per-sample augmentation seeds, tensor-resident batches
+# ----------------------------------------------------------------------------------
+def build_datasets_from_args(args):
+    return data.build_datasets(
+        args.dataset, args.data_path, download=args.download, image_size=args.image_size,
+        normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
+        split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False),
+        imbalance_ratio=getattr(args, "imbalance_ratio", None))
+
+
+def split_off_validation(args, train_set, test_set):
+    """(training part, validation part or None): ``--val-split`` held out of the
+    training set with the test set's transform; the only set to select on."""
+    if not getattr(args, "val_split", 0):
+        return train_set, None
+    return data.validation_split(train_set, args.val_split, args.split_seed, test_set.transform)
+
+
+def use_tensor_loader(args, train_set):
+    """--loader auto picks the tensor-resident loader when the training set is a
+    uint8 array at its training size (cifar10/100, npz, their long-tailed subsets)."""
+    fits = data.can_use_tensor_loader(train_set)
+    if args.loader == "tensor" and not fits:
+        raise data.DataError(f"--loader tensor needs an in-memory uint8 dataset at its stored size (cifar10, "
+                             f"cifar100, npz without --image-size); --dataset {args.dataset} needs --loader torch")
+    return args.loader == "tensor" or (args.loader == "auto" and fits)
+
+
+def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams=False):
+    """Shuffled with ``data.ResumableSampler`` and augmented per sample from its own
+    seed (``data.PerSampleSeed``), so a resumed run sees the same batches. With
+    the tensor loader (``data.TensorLoader``) the whole uint8 set sits on
+    ``device`` and each batch is augmented there in a few batched ops, from a
+    seed of the batch. In a distributed run each process draws every
+    ``world_size``-th sample. ``--sampler class-balanced`` replaces the shuffled
+    order with ``data.ClassBalancedSampler``.
+
+    ``two_streams`` (the hybrid losses) yields per iteration ((views (B, 2, 3, H, W),
+    labels (B,)), (images (B', 3, H, W), labels (B',))): the contrastive branch's
+    instance-sampled images, two views each, and the CE branch's class-balanced
+    batch (``data.ClassBalancedSampler``) of single views. Both streams have
+    len(train_set) // batch_size batches per epoch. Returns (loader, sampler)."""
+    sampler = data.ResumableSampler(len(train_set), args.seed, world_size, rank)
+    if not two_streams and args.sampler == "class-balanced":
+        sampler = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
+    tensor = use_tensor_loader(args, train_set)
+    if tensor:
+        def tensor_loader(sampler, **augment):
+            return data.TensorLoader(train_set, args.batch_size, device, *data.NORMALIZATIONS[args.normalize],
+                                     sampler, args.seed, **augment)
+    if not two_streams:
+        if tensor:
+            return tensor_loader(sampler), sampler
+        return _loader(args, data.PerSampleSeed(train_set), sampler, device), sampler
+    balanced = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
+    if tensor:
+        streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
+        return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
+    small = args.dataset in ("cifar10", "cifar100", "npz")
+    ce_transform, two_views = data.hybrid_transforms(args.normalize, args.image_size, small)
+    streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
+               _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
+    return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
+
+
+def _loader(args, dataset, sampler, device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # worker seeds never touch the global RNG
+
+
+class ZippedLoaders:
+    """Iterate several loaders in step: yields a tuple with one batch of each."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self):
+        return min(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        return zip(*self.loaders)
+
+
+class ZippedSamplers:
+    """``set_epoch`` for every sampler of a ``ZippedLoaders``."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch, start=0):
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch, start)
+
+
+def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1, normalize=None):
+    """Batches of ``test_set`` in order. With ``normalize`` (the run's normalisation
+    name) and a set that ``data.can_use_tensor_loader`` accepts, a
+    ``data.TensorEvalLoader`` (the set on the device, no PIL); else a DataLoader.
+    In a distributed run each process takes every world_size-th image; evaluate()
+    sums the counts."""
+    if normalize is not None and data.can_use_tensor_loader(test_set):
+        return data.TensorEvalLoader(test_set, batch_size, device, *data.NORMALIZATIONS[normalize], rank, world_size)
+    if world_size > 1:
+        test_set = torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
+    return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------
+# Distributed training (torchrun): process group, model wrapping, averaged statistics
+# ----------------------------------------------------------------------------------
+def setup_distributed(device_name):
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: start the process group (NCCL on
+    GPUs, gloo on CPU) and silence print() on every process but rank 0 (as
+    torchvision's references do). Returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        builtins.print = lambda *a, **k: None
+    return rank, world_size, device
+
+
+def reduce_mean(stats, world_size, device):
+    """Average a {name: float} dict over the processes."""
+    if world_size == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist()))
+
+
+def prepare_model(model, device, world_size, channels_last=False, sync_bn=False, compile_mode="none",
+                  unused_parameters=False):
+    """channels-last, SyncBN and DDP for training; torch.compile for both the
+    training and the evaluation forward. Returns (train_model, eval_model); both
+    share ``model``'s parameters, which is what the checkpoint holds.
+    ``unused_parameters``: some steps leave parameters unused (MKSMT's step 1)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused_parameters)
+    if compile_mode != "none":
+        return torch.compile(train_model, mode=compile_mode), torch.compile(model, mode=compile_mode)
+    return train_model, model
+
+
+# ----------------------------------------------------------------------------------
+# Diagnostics: deep supervision's gradient probe, long-tail class groups
+# ----------------------------------------------------------------------------------
+def probe_gradients(model, step, loader, sampler, scheduler, iterations, threshold, path):
+    """Seed 004's rule for placing the auxiliary classifier: train ``iterations`` steps,
+    record the mean |gradient| of every conv / linear weight of the backbone after
+    each backward pass, and attach the head after the stage holding the deepest layer
+    whose mean falls below ``threshold`` (1e-7 in the paper). Writes ``path``
+    (gradient_probe.csv: iteration, layer, stage, mean_abs_grad)."""
+    backbone = getattr(model, "backbone", model)
+    prefix = "backbone." if backbone is not model else ""
+    stage_of = models.parameter_stages(backbone)
+    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sums = {name: 0.0 for name, _ in layers}
+    model.train()
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,layer,stage,mean_abs_grad\n")
+        iteration, epoch = 0, 0
+        while iteration < iterations:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                step(batch)  # the gradients stay in .grad after the optimizer step
+                for name, module in layers:
+                    mean_abs = module.weight.grad.abs().mean().item() if module.weight.grad is not None else 0.0
+                    sums[name] += mean_abs
+                    f.write(f"{iteration},{prefix}{name},{stage_of[name + '.weight']},{mean_abs:.6e}\n")
+                scheduler.step()
+                iteration += 1
+                if iteration >= iterations:
+                    break
+            epoch += 1
+    os.replace(path + ".tmp", path)
+    means = {name: total / iterations for name, total in sums.items()}
+    vanishing = [name for name, _ in layers if means[name] < threshold]
+    print(f"wrote {path}: {len(layers)} layers x {iterations} iterations", flush=True)
+    print(f"layers with mean |grad| < {threshold:g}: "
+          + (", ".join(f"{n} ({means[n]:.2e})" for n in vanishing) or "none"), flush=True)
+    if vanishing:
+        deepest = stage_of[vanishing[-1] + ".weight"]
+        stage = min(deepest, len(backbone.stage_channels) - 2)  # the last stage holds the main classifier
+        print(f"deepest vanishing layer {vanishing[-1]} is in stage {deepest}: "
+              f"attach the auxiliary head after stage {stage} (--deep-sup {stage})", flush=True)
+    return means
+
+
+def shot_groups(train_counts, many_threshold=100, few_threshold=20):
+    """{"many": [classes], "medium": [...], "few": [...]}: classes with more than
+    ``many_threshold`` training images, ``few_threshold`` to ``many_threshold``,
+    and fewer than ``few_threshold`` (the usual long-tail split: > 100, 20-100, < 20)."""
+    groups = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        groups["many" if n > many_threshold else "few" if n < few_threshold else "medium"].append(c)
+    return groups
