@@ -841,13 +841,16 @@ def crop_flip_with_params(images, offsets_y, offsets_x, flips, padding=4):
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
 
 
-def batched_crop_flip(images, padding=4, generator=None):
+def batched_crop_flip(images, padding=4, generator=None, shard=(0, 1)):
     """``T.RandomCrop(H, padding=padding)`` + ``T.RandomHorizontalFlip()`` on every
     image of a batch, each with its own random crop and flip, drawn from
     ``generator`` (a ``torch.Generator`` on the images' device; the global RNG when
-    None). Shapes: images (B, C, H, W) uint8 (or float) -> (B, C, H, W)."""
-    params = crop_flip_params(images.shape[0], padding, generator, images.device)
-    return crop_flip_with_params(images, *params, padding=padding)
+    None). ``shard`` (rank, N): the batch is rank's share (every N-th image) of a
+    batch N times larger; the draws are that whole batch's, so N processes together
+    augment it as one process would. Shapes: images (B, C, H, W) uint8 (or float) -> (B, C, H, W)."""
+    rank, n = shard
+    params = crop_flip_params(images.shape[0] * n, padding, generator, images.device)
+    return crop_flip_with_params(images, *(p[rank::n] for p in params), padding=padding)
 
 
 def batched_rgb_to_gray(images):
@@ -943,7 +946,7 @@ def color_jitter_with_params(images, factors, order=(0, 1, 2, 3)):
 
 
 def batched_color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8,
-                         generator=None, order=None):
+                         generator=None, order=None, shard=(0, 1)):
     """``T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=p)``
     on a batch: every image gets its own factors and its own coin (drawn from
     ``generator``, on the images' device). ``order``: the op order, a permutation
@@ -951,9 +954,10 @@ def batched_color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.4, h
     ``torch.randperm(4)`` from the global CPU RNG when None.
     Shapes: images (B, 3, H, W) float in [0, 1] -> (B, 3, H, W).
     """
-    B, device = images.shape[0], images.device
-    factors = color_jitter_params(B, brightness, contrast, saturation, hue, generator, device)
-    apply = torch.rand(B, generator=generator, device=device) < p           # (B,) RandomApply's coin
+    B, device, (rank, n) = images.shape[0], images.device, shard              # shard: as in batched_crop_flip
+    factors = color_jitter_params(B * n, brightness, contrast, saturation, hue, generator, device)
+    factors = [None if f is None else f[rank::n] for f in factors]
+    apply = (torch.rand(B * n, generator=generator, device=device) < p)[rank::n]   # (B,) RandomApply's coin
     # not in torchvision: one random op order per batch, not per image (per-image
     # orders would cost all 4 ops at each of 4 steps). It is drawn on the host
     # (TensorLoader draws it from the batch seed) so that no device sync is needed.
@@ -962,10 +966,12 @@ def batched_color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.4, h
     return torch.where(apply[:, None, None, None], jittered, images)
 
 
-def batched_grayscale(images, p=0.2, generator=None):
+def batched_grayscale(images, p=0.2, generator=None, shard=(0, 1)):
     """``T.RandomGrayscale(p)`` on a batch: each image, with probability p, becomes
-    its luma on all 3 channels. Shapes: (B, 3, H, W) float -> (B, 3, H, W)."""
-    gray = torch.rand(images.shape[0], generator=generator, device=images.device) < p   # (B,)
+    its luma on all 3 channels; ``shard`` as in ``batched_crop_flip``.
+    Shapes: (B, 3, H, W) float -> (B, 3, H, W)."""
+    rank, n = shard
+    gray = (torch.rand(images.shape[0] * n, generator=generator, device=images.device) < p)[rank::n]   # (B,)
     return torch.where(gray[:, None, None, None], batched_rgb_to_gray(images).expand_as(images), images)
 
 
@@ -1065,7 +1071,10 @@ class TensorLoader:
     augmentation comes from generators seeded with its first sample_seed, so a run
     resumed at a batch boundary sees the same images. A sampler of plain indices
     also works: batch k of this loader's life then uses seed ``seed * 1_000_003 + k``
-    (not reproducible across a resume).
+    (not reproducible across a resume). With ``num_replicas`` N processes, each
+    reading every N-th sample of the sampler, the generators start from the whole
+    N-process batch's seed and every draw is made for that whole batch, each process
+    keeping its share: together they augment it exactly as one process would.
 
     ``views=2, contrastive=True`` (SupContrast-style two views, Wang et al. 2021
     digest: "one view with colour jitter, one without"): view 1 = crop + flip + ``batched_color_jitter``
@@ -1079,7 +1088,7 @@ class TensorLoader:
     """
 
     def __init__(self, dataset, batch_size, device, mean, std, sampler, seed=0, drop_last=True,
-                 views=1, contrastive=False, padding=4, grayscale=0.0):
+                 views=1, contrastive=False, padding=4, grayscale=0.0, num_replicas=1, rank=0):
         images, labels = dataset_uint8(dataset)
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)   # (N, 3, H, W) uint8, (N,)
@@ -1087,7 +1096,7 @@ class TensorLoader:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.seed, self.views, self.contrastive, self.padding = seed, views, contrastive, padding
-        self.grayscale = grayscale
+        self.grayscale, self.shard = grayscale, (rank, num_replicas)
         self.generator = torch.Generator(device=self.device)  # crops, flips, colour factors
         self.host_generator = torch.Generator()               # the colour-op order, drawn without a device sync
         self.batches_made = 0
@@ -1109,7 +1118,9 @@ class TensorLoader:
     def make_batch(self, items):
         """items: list of (index, sample_seed) pairs or plain indices -> (images, labels)."""
         if isinstance(items[0], (tuple, list)):
-            indices, batch_seed = [i for i, _ in items], items[0][1]
+            # the samplers seed global position p with base + p, and this process's first sample is at
+            # position k B N + rank: minus rank, the seed of the whole (N-process) batch's first sample
+            indices, batch_seed = [i for i, _ in items], items[0][1] - self.shard[0]
         else:
             indices, batch_seed = list(items), self.seed * 1_000_003 + self.batches_made
         self.batches_made += 1
@@ -1127,13 +1138,14 @@ class TensorLoader:
 
     def augment(self, images, view):
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, H, W) float32, normalised."""
-        x = batched_crop_flip(images, self.padding, self.generator).float().div_(255)  # (B, 3, H, W) in [0, 1]
+        x = batched_crop_flip(images, self.padding, self.generator, self.shard).float().div_(255)  # (B, 3, H, W)
         if self.contrastive:
             if view == 0:
                 order = torch.randperm(4, generator=self.host_generator).numpy().tolist()  # a host tensor: no device wait
-                x = batched_color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=self.generator, order=order)
-            x = batched_grayscale(x, p=0.2, generator=self.generator)
+                x = batched_color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=self.generator, order=order,
+                                         shard=self.shard)
+            x = batched_grayscale(x, p=0.2, generator=self.generator, shard=self.shard)
         elif self.grayscale:
-            x = batched_grayscale(x, p=self.grayscale, generator=self.generator)
+            x = batched_grayscale(x, p=self.grayscale, generator=self.generator, shard=self.shard)
         return normalize_(x, self.mean, self.std)
 

@@ -10,7 +10,7 @@ where the data now lives). Reports top-1, top-5, class-balanced top-1 and per-cl
 top-1 (%) on the test split; many / medium / few-shot top-1 when the training set
 is long-tailed; every MKSMT head's top-1. ``--flip h|v`` evaluates on mirrored test
 images, ``--complexity`` counts parameters and FLOPs against the plain backbone,
-``--gradcam N`` writes Grad-CAM overlays per head (PIL only).
+``--gradcam N`` writes Grad-CAM overlays per stage, for any checkpoint (PIL only).
 """
 import json
 import os
@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 from train import build_model_from_args, evaluate, get_args_parser as train_args_parser
 from utils import OneLineErrorParser, build_datasets_from_args, load_checkpoint, load_state_checked, \
-    make_test_loader, one_line, resolve_device, split_off_validation, strict_json
+    make_test_loader, one_line, resolve_device, split_off_validation, stage_list, strict_json
 
 
 def _pyplot():
@@ -91,44 +91,45 @@ def plot_probe(csv_path):
 # ----------------------------------------------------------------------------------
 # MKSMT extras (Yu et al. 2023; README, Equations: MKSMT): Grad-CAM per head, parameters / FLOPs
 # ----------------------------------------------------------------------------------
-def gradcam(model, images, head_index):
-    """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one supervised head.
+def gradcam(model, images, stage):
+    """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one stage's feature map.
 
         alpha_c = 1/(H W) sum_{h,w} d y^c / d A_{c,h,w}            (Eq. 1)
         L       = ReLU(sum_c alpha_c A_c)                          (Eq. 2)
 
-    y^c is the head's logit of its own predicted class, A the stage map the head
-    reads. L is upsampled bilinearly to the image size and min-max normalised per
-    image to [0, 1] (an all-zero map stays 0).
+    A = ``out["stages"][stage]``. y^c is the logit of the predicted class of the head
+    that reads A (MKSMT's per-stage heads), or, for a stage no head reads, of the
+    final classifier, differentiated through A (the usual Grad-CAM of an inner
+    layer; a plain backbone's maps). L is upsampled bilinearly to the image size and
+    min-max normalised per image to [0, 1] (an all-zero map stays 0).
 
     Args:
-        model: ``forward(images)`` returns a dict with ``"stages"`` (list of
-            (B, C, H, W)), ``"head_logits"`` (list of (B, K)) and ``"head_stages"``
-            (the stage index each head reads, same order). The head must compute
-            its logits from that very ``out["stages"][s]`` tensor. Run in eval
-            mode; the previous mode is restored.
+        model: ``forward(images)`` returns a dict with ``"stages"`` (list of (B, C, H, W))
+            and ``"logits"``, optionally ``"head_logits"`` / ``"head_stages"``. Run in
+            eval mode; the previous mode is restored.
         images: (B, 3, H_img, W_img).
-        head_index: which head.
+        stage: index into ``out["stages"]``.
     Returns:
-        cams (B, H_img, W_img) float in [0, 1], predictions (B,) int64.
+        cams (B, H_img, W_img) float in [0, 1], predictions (B,) int64 of the logits used.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             out = model(images)
-            stage = out["stages"][out["head_stages"][head_index]]                 # (B, C, h, w)
-            logits = out["head_logits"][head_index]                               # (B, K)
+            A = out["stages"][stage]                                               # (B, C, h, w)
+            head_stages = list(out.get("head_stages", []))
+            logits = out["head_logits"][head_stages.index(stage)] if stage in head_stages else out["logits"]  # (B, K)
             predictions = logits.argmax(dim=1)                                     # (B,)
             score = logits.gather(1, predictions[:, None]).sum()  # samples are independent in eval mode
-            (grad,) = torch.autograd.grad(score, stage, allow_unused=True)
+            (grad,) = torch.autograd.grad(score, A, allow_unused=True)
     finally:
         model.train(was_training)
     if grad is None:
-        raise ValueError(f"head {head_index} does not read out['stages'][{out['head_stages'][head_index]}]; "
-                         f"Grad-CAM needs the stage map the head is computed from")
+        raise ValueError(f"the logits do not depend on out['stages'][{stage}]; Grad-CAM needs the map they are "
+                         f"computed from")
     weights = grad.mean(dim=(2, 3))                                               # (B, C)  Eq. (1)
-    cam = F.relu((weights[:, :, None, None] * stage.detach()).sum(dim=1))         # (B, h, w)  Eq. (2)
+    cam = F.relu((weights[:, :, None, None] * A.detach()).sum(dim=1))             # (B, h, w)  Eq. (2)
     cam = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     low = cam.amin(dim=(1, 2), keepdim=True)
     span = cam.amax(dim=(1, 2), keepdim=True) - low
@@ -198,18 +199,21 @@ def report_complexity(train_args, num_classes, image_size):
     return result
 
 
-def write_gradcams(model, test_set, count, folder, normalize, device):
-    """Grad-CAM overlays of the first ``count`` test images for every head:
-    folder/head_stage{S}_{i:03d}.png."""
-    if not hasattr(model, "head_stages"):
-        raise data.DataError("--gradcam needs a model trained with --loss mksmt (per-stage heads)")
+def write_gradcams(model, test_set, count, folder, normalize, device, stages=None):
+    """Grad-CAM overlays of the first ``count`` test images at every stage of ``stages``
+    (default: all): folder/stage{S}_{i:03d}.png. Works for any checkpoint: a stage
+    with an MKSMT head uses that head's logits, any other the final classifier's."""
     images = torch.stack([test_set[i][0] for i in range(min(count, len(test_set)))]).to(device)
     mean, std = (torch.tensor(v, device=device)[:, None, None] for v in data.NORMALIZATIONS[normalize])
     pixels = ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)   # (N, 3, H, W)
+    with torch.no_grad():
+        num_stages = len(model.eval()(images[:1])["stages"])
     paths = []
-    for i, stage in enumerate(model.head_stages):
-        cams, _ = gradcam(model, images, i)
-        paths += save_overlays(pixels, cams, os.path.join(folder, f"head_stage{stage}"))
+    for stage in stages if stages is not None else range(num_stages):
+        if not 0 <= stage < num_stages:
+            raise data.DataError(f"--gradcam-stages {stage}: this model has stages 0..{num_stages - 1}")
+        cams, _ = gradcam(model, images, stage)
+        paths += save_overlays(pixels, cams, os.path.join(folder, f"stage{stage}"))
     return paths
 
 
@@ -249,7 +253,7 @@ def main(args):
     model.to(device)
     if args.gradcam:
         paths = write_gradcams(model, test_set, args.gradcam, args.gradcam_dir, train_args.normalize
-                               or data.DEFAULT_NORMALIZE[train_args.dataset], device)
+                               or data.DEFAULT_NORMALIZE[train_args.dataset], device, args.gradcam_stages)
         print(f"wrote {len(paths)} Grad-CAM overlays to {args.gradcam_dir}")
     result = evaluate(model, test_loader, device, num_classes, train_counts,
                       train_args.many_threshold, train_args.few_threshold, flip=args.flip)
@@ -306,7 +310,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--complexity", action="store_true",
                    help="parameters and FLOPs of the backbone alone vs the trained model (with its heads)")
     p.add_argument("--gradcam", type=int, default=0, metavar="N",
-                   help="write Grad-CAM overlays of N test images for every MKSMT head")
+                   help="write Grad-CAM overlays of N test images for every stage (any checkpoint)")
+    p.add_argument("--gradcam-stages", type=stage_list, metavar="S[,S...]",
+                   help="stages for --gradcam (default: all; e.g. 1,2,3 for Swin's S2, S3, S4)")
     p.add_argument("--gradcam-dir", default="gradcam", help="folder for the --gradcam PNGs")
     return p
 

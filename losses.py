@@ -111,7 +111,9 @@ class _WenCenterUpdate(torch.autograd.Function):
 
     so plain SGD at lr alpha performs c_j <- c_j - alpha * delta c_j (Wen's
     update), whatever lambda and the reduction are. A class absent from the batch
-    gets delta c_j = 0."""
+    gets delta c_j = 0. In a distributed run (torch.distributed initialised) the
+    sums over i run over every process's samples, so each process takes the step
+    of the whole batch (not in the paper: one device there)."""
 
     @staticmethod
     def forward(ctx, centers, features, labels):
@@ -124,6 +126,9 @@ class _WenCenterUpdate(torch.autograd.Function):
         step = torch.zeros_like(centers).index_add_(0, labels, centers[labels] - features)  # (K, d)
         # index_add_, not bincount: bincount's output size depends on the data (a device sync)
         counts = torch.zeros_like(centers[:, 0]).index_add_(0, labels, torch.ones_like(features[:, 0]))  # (K,)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(step)      # the sums over the whole batch, all processes
+            torch.distributed.all_reduce(counts)
         return step / (1 + counts)[:, None], None, None                                     # Wen's center update
 
 
@@ -194,9 +199,15 @@ class JointSupervisionLoss(nn.Module):
         super().__init__()
         self.center_loss, self.lam = center_loss, lam
 
-    def forward(self, logits, embedding, labels):
+    def forward(self, logits, embedding, labels, shards=1):
+        """``shards``: the number of processes that each hold 1/shards of the batch. A
+        center term summed over the batch (Eq. 7) is multiplied by it, so the mean of
+        the processes' losses, and of their gradients (what DistributedDataParallel
+        applies), is the objective of the whole batch (not in the paper: one device)."""
         ce = F.cross_entropy(logits, labels)                                 # Eq. (6): L_s
         center = self.center_loss(embedding, labels)
+        if self.center_loss.reduction == "sum":
+            center = center * shards
         return ce + self.lam * center, {"ce": ce.detach(), "center": center.detach()}  # Eq. (8)
 
 

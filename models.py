@@ -383,10 +383,11 @@ class Swin(nn.Module):
         for i, module in enumerate(self.net.features[:2 * last + 2]):
             x = module(x)  # (B, H, W, C)
             if i % 2 == 1:
-                stages.append(x)
-        if last == 3:
-            stages[-1] = self.net.norm(stages[-1])
-        return [s.permute(0, 3, 1, 2) for s in stages]
+                if i == 7:
+                    x = self.net.norm(x)
+                stages.append(x.permute(0, 3, 1, 2))  # (B, C, H, W)
+                x = stages[-1].permute(0, 2, 3, 1)    # the next stage reads this very map (Grad-CAM's gradient)
+        return stages
 
     def forward(self, x):
         stages = self.run_stages(x)

@@ -1440,6 +1440,66 @@ def test_gradcam_equals_cam_for_a_gap_linear_head():
             assert cams[b].min() == 0 and abs(cams[b].max().item() - 1) < 1e-12
 
 
+class PlainTwoStageNet(nn.Module):
+    """Two conv stages and the final GAP + Linear classifier only: a baseline, no heads."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        s0 = torch.tanh(self.conv1(x))   # (B, 4, H, W); tanh: smooth, for finite differences
+        s1 = F.relu(self.conv2(s0))      # (B, 6, H/2, W/2)
+        return {"stages": [s0, s1], "logits": self.fc(s1.mean(dim=(2, 3)))}
+
+
+def test_gradcam_of_any_stage_of_a_model_without_heads():
+    """A stage no head reads uses the final classifier's logit: on the last stage (GAP +
+    Linear) Grad-CAM is CAM; on the inner stage alpha_c is checked against central finite
+    differences of the final logit with respect to that stage's map."""
+    torch.manual_seed(3)
+    model = PlainTwoStageNet().double().eval()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(images)
+    cams, predictions = evaluate.gradcam(model, images, 1)
+    assert torch.equal(predictions, out["logits"].argmax(1))
+    s1, weight = out["stages"][1], model.fc.weight
+    for b in range(2):
+        c = predictions[b].item()
+        low = [[max(0.0, sum(weight[c, k].item() / 16 * s1[b, k, i, j].item() for k in range(6))) for j in range(4)]
+               for i in range(4)]
+        up = F.interpolate(torch.tensor(low, dtype=torch.float64)[None, None], size=(8, 8), mode="bilinear",
+                           align_corners=False)[0, 0]
+        assert torch.allclose(cams[b], (up - up.min()) / (up.max() - up.min()), atol=1e-9)
+    cams, _ = evaluate.gradcam(model, images, 0)
+    s0 = out["stages"][0]
+    with torch.no_grad():
+        def logit_from_stage0(b, a):  # the rest of the network, run from a given stage-0 map
+            return model.fc(F.relu(model.conv2(a[None])).mean(dim=(2, 3)))[0, predictions[b]].item()
+        for b in range(2):
+            alpha, eps = [], 1e-6
+            for k in range(4):
+                total = 0.0
+                for i in range(8):
+                    for j in range(8):
+                        plus, minus = s0[b].clone(), s0[b].clone()
+                        plus[k, i, j] += eps
+                        minus[k, i, j] -= eps
+                        total += (logit_from_stage0(b, plus) - logit_from_stage0(b, minus)) / (2 * eps)
+                alpha.append(total / 64)
+            low = torch.tensor([[max(0.0, sum(alpha[k] * s0[b, k, i, j].item() for k in range(4))) for j in range(8)]
+                                for i in range(8)], dtype=torch.float64)
+            want = (low - low.min()) / (low.max() - low.min())  # 8 x 8 already: the upsampling is the identity
+            assert torch.allclose(cams[b], want, atol=1e-6), b
+    with torch.device("meta"):  # Swin: each stage reads the map returned for the one before, so gradients reach it
+        out = models.build_model("swin_t", 5, image_size=64).eval()(torch.randn(1, 3, 64, 64))
+        assert all(torch.autograd.grad(out["logits"].sum(), s, retain_graph=True, allow_unused=True)[0] is not None
+                   for s in out["stages"])
+
+
 def test_save_overlays_writes_blended_pngs():
     torch.manual_seed(7)
     images = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
@@ -1620,6 +1680,106 @@ def test_class_balanced_sampler_balances_classes_and_resumes():
     assert len({s for _, s in full}) == len(full)
 
 
+# long-tailed labels: class 3 absent, class 4 two images, class 5 a single image
+_LT_TARGETS = [0] * 400 + [1] * 150 + [2] * 40 + [4] * 2 + [5] * 1 + [6] * 7
+
+
+def test_positives_sampler_groups_same_class_images_in_instance_proportion():
+    """data.PositivesSampler: every global batch is groups of m images of one class (all of a
+    smaller class), anchors in proportion to the class frequencies (class-balanced draws are
+    far from them), len() and one-line errors."""
+    targets, freq = _LT_TARGETS, np.bincount(_LT_TARGETS, minlength=7) / len(_LT_TARGETS)
+    for m in (2, 4):
+        B, G = 8 * m, 8
+        sampler = data.PositivesSampler(targets, m, B, seed=5)
+        drawn = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            items = list(sampler)
+            assert len(items) == len(sampler) == (len(targets) // B) * B
+            drawn += [i for i, _ in items]
+            for k in range(0, len(items), B):
+                batch = [i for i, _ in items[k:k + B]]
+                for g in range(G):  # member j of group g at position g + G * j
+                    group = [batch[g + G * j] for j in range(m)]
+                    members = {i for i, y in enumerate(targets) if y == targets[group[0]]}
+                    assert {targets[i] for i in group} == {targets[group[0]]}, group
+                    assert len(set(group)) == m if len(members) >= m else set(group) == members, group
+        share = np.bincount([targets[i] for i in drawn], minlength=7) / len(drawn)
+        assert 0.5 * np.abs(share - freq).sum() < 0.06, share
+    balanced = [i for i, _ in data.ClassBalancedSampler(targets, seed=2, num_samples=len(drawn))]
+    assert 0.5 * np.abs(np.bincount([targets[i] for i in balanced], minlength=7) / len(balanced) - freq).sum() > 0.3
+    for bad in (dict(m=3, batch_size=10), dict(m=0, batch_size=10), dict(m=2, batch_size=1000)):
+        with pytest_raises(ValueError) as e:
+            data.PositivesSampler(targets, **bad)
+        assert "\n" not in str(e[0])
+
+
+def test_positives_sampler_resumes_and_shards_into_the_global_batch():
+    """Draws depend only on (seed, epoch); set_epoch(e, start) gives the epoch's tail; the
+    k-th batches of 2 ranks interleave into global batch k; seeds unique and disjoint from
+    the other two samplers'."""
+    targets = _LT_TARGETS
+    a, b = data.PositivesSampler(targets, 2, 16, seed=3), data.PositivesSampler(targets, 2, 16, seed=3)
+    b.set_epoch(5)
+    list(b)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    full = list(a)
+    assert list(b) == full
+    for start in (1, 37, len(full)):
+        a.set_epoch(2, start)
+        assert list(a) == full[start:] and len(a) == len(full) - start
+    ranks = [data.PositivesSampler(targets, 2, 16, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    shares = [list(r) for r in ranks]
+    for k in range(0, len(full), 16):
+        interleaved = [p for pair in zip(shares[0][k // 2:k // 2 + 8], shares[1][k // 2:k // 2 + 8]) for p in pair]
+        assert interleaved == full[k:k + 16]
+    seeds = {}
+    for name, sampler in (("positives", data.PositivesSampler(targets, 2, 16, 0)),
+                          ("instance", data.ResumableSampler(len(targets), 0)),
+                          ("balanced", data.ClassBalancedSampler(targets, 0))):
+        seeds[name] = set()
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            s = [seed for _, seed in sampler]
+            assert len(set(s)) == len(s) and not seeds[name] & set(s)
+            seeds[name] |= set(s)
+    assert not (seeds["positives"] & seeds["instance"] or seeds["positives"] & seeds["balanced"]
+                or seeds["instance"] & seeds["balanced"])
+    with tmpdir() as d:  # --positives M: the hybrid network's contrastive stream comes in same-class groups
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=48, classes=12)
+        for m, grouped in ((2, True), (0, False)):
+            args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--loss", "hybrid-sc", "--recipe", "none",
+                                     "--batch-size", "12", "--positives", str(m)])
+            loader, sampler = utils.make_train_loader(args, utils.build_datasets_from_args(args)[0], torch.device("cpu"),
+                                                      two_streams=True)
+            sampler.set_epoch(0)
+            batches = [labels.tolist() for (_, labels), _ in loader]
+            assert all(all(b.count(c) >= 2 for c in b) for b in batches) == grouped, (m, batches)
+
+
+@contextlib.contextmanager
+def pytest_raises(kind):
+    """A tiny pytest.raises: yields a list that receives the exception."""
+    caught = []
+    try:
+        yield caught
+    except kind as e:
+        caught.append(e)
+    assert caught, f"{kind.__name__} not raised"
+
+
+def test_copyable_modules_name_the_write_ups_not_seed_numbers():
+    for name in ("models.py", "losses.py", "data.py"):
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        assert not re.search(r"\b[Ss]eeds? 00[0-4]\b", text), name
+    assert "(Eq. 3)" in losses.SupConLoss.__doc__ and "(Eq. 4)" in losses.PSCLoss.__doc__
+    assert "Tong" in losses.ContrastiveCenterLoss.__doc__ and "Tong" in losses.JointSupervisionLoss.__doc__
+
+
 def test_hybrid_views_and_inat_fixture():
     plain, two = data.hybrid_transforms("cifar", 32)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
@@ -1793,6 +1953,13 @@ def test_recipes_and_flag_combinations():
     assert train.parse_args(["--recipe", "hybrid-inat"]).alpha_schedule == "linear"
     args = train.parse_args(["--recipe", "mksmt-cub"])
     assert (args.model, args.heads, args.multistep, args.temperature) == ("swin_l", [2, 3], 2, 1.0)
+    # MKSMT's baseline: plain Swin-L trained alike, differing only in the method (and the default for a Swin on CUB)
+    plain = train.parse_args(["--dataset", "cub", "--loss", "ce", "--model", "swin_l"])
+    method_flags = {"loss", "heads", "head_width", "multistep", "kd", "temperature", "lambda1", "lambda2"}
+    assert plain.recipe == "mksmt-cub-baseline" and plain.loss == "ce"
+    assert {k: v for k, v in vars(plain).items() if k not in method_flags | {"recipe", "recipe_matched"}} == \
+        {k: v for k, v in vars(args).items() if k not in method_flags | {"recipe", "recipe_matched"}}
+    assert train.parse_args(["--dataset", "cub", "--loss", "ce"]).recipe == "cub-joint"  # a CNN: Tong's protocol
     assert train.parse_args(["--loss", "mksmt", "--multistep", "3"]).heads == [0, 1, 2]  # resnet32: 3 stages
     for argv, fragment in ((["--loss", "mksmt", "--multistep", "3", "--heads", "1,2"], "needs 3 --heads"),
                            (["--heads", "1,2"], "--heads applies only with --loss mksmt"),
@@ -1816,6 +1983,35 @@ def test_losses_ignore_autocast_and_compute_in_float32():
         exact = loss(*(x.bfloat16().float() if x.is_floating_point() else x for x in inputs))
         assert got.dtype == torch.float32 and abs(got.item() - exact.item()) < 1e-5, (type(loss).__name__, got, exact)
         assert abs(got.item() - want.item()) < 0.05
+
+
+def _opm_params_by_hand(C, m, f, K):
+    """OPM parameters from its layer list, not from the code: conv1x1 C->m (no bias) + BN(m);
+    conv3x3 m->2m (no bias) + BN(2m); BN1d(2m); Linear 2m->f; BN1d(f); Linear f->K."""
+    return (C * m + 2 * m) + (9 * m * 2 * m + 2 * 2 * m) + 2 * 2 * m + (2 * m * f + f) + 2 * f + (f * K + K)
+
+
+def test_swin_l_heads_add_about_1_1_percent_at_the_default_width():
+    """Yu et al.: the output heads add 1.1% parameters to Swin-L. Counted on the meta device
+    (no memory) at K = 200 (CUB) with heads on S3 and S4; PMG's width 512 stays available
+    and gives the old model (206,879,396 parameters, +5.93%)."""
+    def count(**kw):
+        with torch.device("meta"):
+            return models.count_parameters(models.build_model("swin_l", 200, image_size=224, **kw))
+    backbone, own_fc = count(), 1536 * 200 + 200
+    assert backbone == 195_302_876
+    overhead = 100 * (count(heads=[2, 3]) / backbone - 1)
+    assert 0.9 <= overhead <= 1.3 and models.default_head_width("swin_l") == models.SWIN_HEAD_WIDTH, overhead
+    assert count(heads=[2, 3], head_width=512) == 206_879_396
+    for width in (models.SWIN_HEAD_WIDTH, 512):
+        hand = sum(_opm_params_by_hand(C, width, width, 200) for C in (768, 1536))
+        assert count(heads=[2, 3], head_width=width) - backbone + own_fc == hand, width
+    assert models.default_head_width("resnet32") == 64 and models.default_head_width("resnet50") == 512
+    # an old MKSMT checkpoint of a Swin (head_width None, then 512) is rebuilt at 512
+    old = argparse.Namespace(**{**vars(train.parse_args(["--recipe", "mksmt-cub"])), "head_width": None})
+    with torch.device("meta"):
+        model = train.build_model_from_args(old, 200, load_weights=False)
+    assert model.heads[0].conv[0][0].out_channels == 512
 
 
 # ----------------------------------------------------------------------------------
@@ -1928,7 +2124,7 @@ def test_mksmt_train_and_evaluate_extras_end_to_end():
         assert result["flip"] == "v" and result["complexity"]["params_overhead_percent"] > 0
         backbone = models.count_parameters(models.build_model("resnet20", 4))
         assert result["complexity"]["backbone"]["params"] == backbone
-        assert sorted(os.listdir(os.path.join(d, "cams"))) == [f"head_stage{s}_{i:03d}.png" for s in (1, 2) for i in (0, 1)]
+        assert sorted(os.listdir(os.path.join(d, "cams"))) == [f"stage{s}_{i:03d}.png" for s in (0, 1, 2) for i in (0, 1)]
 
 
 # ----------------------------------------------------------------------------------
@@ -2172,69 +2368,144 @@ def test_loss_benchmarks_run_and_agree():
 # ----------------------------------------------------------------------------------
 
 
-def test_torchrun_two_processes_match_one_process_on_the_global_batch():
-    """DDP with gloo on CPU: after one step with lr 1, no momentum and no weight decay,
-    w1 = w0 - g, so equal weights mean equal first-step gradients."""
-    with tmpdir() as d:
-        npz = _write_npz(os.path.join(d, "t.npz"), n_train=32, n_test=8)
-        common = ["train.py", "--dataset", "npz", "--data-path", npz, "--model", "plain20", "--loader", "torch",
-                  "--workers", "0", "--iters", "1", "--lr", "1", "--momentum", "0", "--wd", "0", "--milestones"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        single = subprocess.run([sys.executable, *common, "--batch-size", "8", "--output-dir", os.path.join(d, "one")],
-                                cwd=HERE, capture_output=True, text=True, env=env)
-        assert single.returncode == 0, single.stderr
-        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", str(29500 + os.getpid() % 1000), *common, "--batch-size", "4",
-                              "--output-dir", os.path.join(d, "two")], cwd=HERE, capture_output=True, text=True, env=env)
-        assert ddp.returncode == 0, ddp.stderr[-2000:]
-        assert ddp.stdout.count("eval epoch 0") == 1  # only rank 0 prints
-        one = torch.load(os.path.join(d, "one", "checkpoint.pth"), weights_only=True)
-        two = torch.load(os.path.join(d, "two", "checkpoint.pth"), weights_only=True)
-        torch.manual_seed(0)  # train.py's --seed 0: the same init
-        init = models.build_model("plain20", 4).state_dict()
-        moved = 0
-        for k, w in one["model"].items():
-            assert torch.allclose(two["model"][k], w, rtol=1e-4, atol=1e-6), k
-            moved += not torch.equal(w, init[k])
-        assert moved > 0
-        rows = [json.loads(line) for line in open(os.path.join(d, "two", "metrics.jsonl"))]
-        assert len(rows) == 1 and rows[0]["test_top1"] == json.loads(open(os.path.join(d, "one", "metrics.jsonl")).readline())["test_top1"]
+# Every objective trained by 2 processes on batches of 4 and by 1 process on batches of 8, from the same
+# data: the weights, centers and prototypes must agree after 3 steps (with momentum). Then, on the 2
+# processes: a non-finite loss on one process only, and SIGTERM reaching the two at different steps.
+_DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce-torch-loader": ["--loader", "torch", "--image-size", "16"],
+             "joint": ["--loss", "joint"], "joint-mean": ["--loss", "joint", "--ctc-reduction", "mean"],
+             "center-wen": ["--loss", "center"], "center-autograd": ["--loss", "center", "--center-update", "autograd"],
+             "hybrid-sc": ["--loss", "hybrid-sc"], "hybrid-psc": ["--loss", "hybrid-psc", "--tau", "1"],
+             "hybrid-mpsc": ["--loss", "hybrid-mpsc"], "mksmt": ["--loss", "mksmt", "--head-width", "8"],
+             "mksmt-one-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "1"],
+             "mksmt-three-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "3"],
+             "mksmt-async": ["--loss", "mksmt", "--head-width", "8", "--kd-exec", "async"],
+             "deep-sup": ["--deep-sup", "1", "--aux-dropout", "0"]}
+_DDP_SCRIPT = """
+import json, os, signal, sys, torch, torch.distributed as dist
+import train, utils
+npz, out, runs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+common = ["--dataset", "npz", "--data-path", npz, "--model", "plain20", "--recipe", "none", "--workers", "0",
+          "--lr", "0.05", "--milestones", "--print-freq", "1", "--device", "cpu"]
 
+def bn_held_in_eval_mode(self, mode=True):  # the OPM and auxiliary heads' BatchNorm: per-process batch
+    torch.nn.Module.train(self, mode)         # statistics are DDP's documented behaviour, so hold BN fixed
+    self.training = False
+    return self
+torch.nn.modules.batchnorm._BatchNorm.train = bn_held_in_eval_mode
 
-_DDP_STEP_ONE = """
-import os, sys, torch, torch.distributed as dist, torch.nn.functional as F
-import models, train, utils
-def run(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    args = train.parse_args(["--loss", "mksmt", "--model", "resnet20", "--head-width", "8", "--wd", "0.1"])
-    model = models.build_model("resnet20", 4, heads=[1, 2], head_width=8)
-    optimizer = train.build_optimizer(args, model, None)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    train.bind_step(args, ddp, None, optimizer, None, torch.device('cpu'))((x, y))
-    deep = {n: p.detach().clone() for n, p in model.named_parameters()
-            if n.startswith(("backbone.groups.2.", "heads.1."))}
-    utils.backward_and_step(optimizer, F.cross_entropy(ddp(x, upto=1)["logits"], y))
-    assert all(torch.equal(p, deep[n]) for n, p in model.named_parameters() if n in deep)
-    print("rank", rank, "ok", flush=True)
-    dist.destroy_process_group()
+def main(argv):
+    return train.main(train.parse_args(common + argv))
+
+def worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    batch = str(8 // world)
+    codes = {name: main(extra + ["--iters", "3", "--batch-size", batch, "--output-dir", os.path.join(out, name)])
+             for name, extra in runs.items()}
+    if world > 1:
+        # a NaN loss on rank 1 only, at its second step: every rank stops at the same line, exit code 3
+        calls, step = [0], utils.backward_and_step
+        def nan_on_rank_1(optimizer, loss, scaler=None):
+            calls[0] += 1
+            return step(optimizer, loss * float("nan") if rank == 1 and calls[0] == 2 else loss, scaler)
+        utils.backward_and_step = nan_on_rank_1
+        codes["nonfinite"] = main(["--iters", "3", "--batch-size", batch, "--output-dir", os.path.join(out, "nan")])
+        utils.backward_and_step = step
+        # SIGTERM reaches rank 0 after its first step, rank 1 after its second: both stop at iteration 2
+        sigterm = ["--iters", "6", "--batch-size", batch, "--print-freq", "2", "--loss", "hybrid-sc"]
+        codes["whole"] = main(sigterm + ["--output-dir", os.path.join(out, "whole")])
+        end_step = utils.Run.end_step
+        def signalled(self, meter, lr):
+            if self.iteration == rank:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return end_step(self, meter, lr)
+        utils.Run.end_step = signalled
+        codes["stopped"] = main(sigterm + ["--output-dir", os.path.join(out, "cut")])
+        utils.Run.end_step = end_step
+        codes["resumed"] = main(sigterm + ["--output-dir", os.path.join(out, "cut"), "--resume", "auto"])
+    json.dump(codes, open(os.path.join(out, f"codes{rank}.json"), "w"))
+
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(run, args=(int(sys.argv[1]),), nprocs=2)
+    world, port = int(sys.argv[1]), 29400 + os.getpid() % 500
+    if world == 1:
+        worker(0, 1, port)
+    else:
+        torch.multiprocessing.spawn(worker, args=(world, port), nprocs=world)
 """
 
 
-def test_step_one_leaves_the_last_stage_untouched_under_ddp_too():
-    """With DistributedDataParallel(find_unused_parameters=True) the unused deeper
-    stage keeps grad None in step (a), so SGD still skips it."""
+def test_distributed_training_equals_one_process_on_the_global_batch():
+    """DistributedDataParallel with gloo on CPU, BN-free backbone (plain20), BN of the heads
+    held fixed: 2 processes x batch 4 = 1 process x batch 8, for every objective, over 3
+    steps with momentum (centers and prototypes included, the sum-reduced center terms,
+    the contrastive losses over the gathered global batch, the class-balanced sampler and
+    the two-view loader). A NaN on one process stops both with exit code 3, and SIGTERM
+    arriving at different steps stops both at the same step; --resume auto then ends
+    bit-identical to an uninterrupted run."""
     with tmpdir() as d:
-        script = os.path.join(d, "ddp_step_one.py")
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=32, n_test=8, side=16)
+        script = os.path.join(d, "ddp.py")
         with open(script, "w") as f:
-            f.write(_DDP_STEP_ONE)
-        r = subprocess.run([sys.executable, script, str(29700 + os.getpid() % 200)], cwd=HERE, capture_output=True,
-                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE), timeout=240)
-        assert r.returncode == 0 and r.stdout.count(" ok") == 2, r.stderr[-2000:]
+            f.write(_DDP_SCRIPT)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+        jobs = [subprocess.Popen([sys.executable, script, str(world), npz, os.path.join(d, str(world)),
+                                  json.dumps(_DDP_RUNS)], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for world in (1, 2)]
+        outputs = [job.communicate(timeout=400) for job in jobs]
+        for job, (_, err) in zip(jobs, outputs):
+            assert job.returncode == 0, err[-3000:]
+        codes = [json.load(open(os.path.join(d, "2", f"codes{r}.json"))) for r in (0, 1)]
+        for name in _DDP_RUNS:
+            assert codes[0][name] == codes[1][name] == 0, name
+            one = torch.load(os.path.join(d, "1", name, "checkpoint.pth"), weights_only=True)
+            two = torch.load(os.path.join(d, "2", name, "checkpoint.pth"), weights_only=True)
+            for part in ("model", "criterion"):
+                for k, w in one[part].items():
+                    assert torch.allclose(two[part][k], w, rtol=1e-5, atol=1e-6), (name, part, k)
+            rows = [json.loads(open(os.path.join(d, w, name, "metrics.jsonl")).readline()) for w in ("1", "2")]
+            assert math.isclose(rows[0]["train_loss"], rows[1]["train_loss"], rel_tol=1e-4), (name, rows)
+        assert codes[0]["nonfinite"] == codes[1]["nonfinite"] == 3
+        assert outputs[1][1].count("error: non-finite loss") == 1  # rank 0 alone prints
+        assert codes[0]["stopped"] == codes[1]["stopped"] == 128 + 15 and codes[0]["resumed"] == 0
+        whole = torch.load(os.path.join(d, "2", "whole", "checkpoint.pth"), weights_only=True)
+        cut = torch.load(os.path.join(d, "2", "cut", "checkpoint.pth"), weights_only=True)
+        assert "stopped by signal 15 at iteration 2" in outputs[1][1] and cut["iteration"] == 6
+        for part in ("model", "criterion", "optimizer"):
+            assert all(torch.equal(a, b) for a, b in zip(_tensors(whole[part]), _tensors(cut[part]))), part
+
+
+def _tensors(state):
+    """Every tensor of a (nested) state dict, in order."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def test_sync_bn_on_cpu_is_one_line_before_anything_starts():
+    """torchrun's environment for rank 0 of 2, on CPU: --sync-bn is one error line, exit code 2,
+    before the process group starts or anything is written (torch's SyncBatchNorm would
+    fail on every process with a traceback)."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=4)
+        saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                code = train.cli(["--dataset", "npz", "--data-path", npz, "--sync-bn", "--device", "cpu",
+                                  "--output-dir", os.path.join(d, "o")])
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.update({k: v})
+        assert code == 2 and err.getvalue().startswith("error: --sync-bn needs CUDA devices")
+        assert err.getvalue().count("\n") == 1 and not os.path.exists(os.path.join(d, "o"))
+        assert not torch.distributed.is_initialized()
 
 
 def test_amp_bf16_and_channels_last_train_and_evaluate():

@@ -1,16 +1,14 @@
 """Train a classifier with one of five methods, on any backbone of models.py and dataset of data.py:
---loss ce (softmax cross-entropy); joint / center (CE + lambda * contrastive-center loss, Qi & Su
-2017, or Wen et al.'s center loss); hybrid-sc / psc / mpsc (the hybrid network for long-tailed
-data, Wang et al. 2021); mksmt (per-stage heads, self-distillation, multi-step training, Yu et al.
-2023); --deep-sup S adds deep supervision (Wang et al. 2015) to any of the first three.
+--loss ce; joint / center (CE + lambda * contrastive-center loss, Qi & Su 2017, or Wen's center loss);
+hybrid-sc / psc / mpsc (long-tailed data, Wang et al. 2021); mksmt (per-stage heads, self-distillation,
+multi-step training, Yu et al. 2023); --deep-sup S adds deep supervision (Wang et al. 2015).
 
     python train.py --loss joint --model resnet34 --dataset lfw --data-path /path/to/lfw_top20
     python train.py --recipe seed001-cifar10 --download --amp bf16 --channels-last
     torchrun --nproc_per_node 2 train.py --recipe seed001-cifar10 --batch-size 64
 
-Reads top to bottom: recipes, one step per method, train_one_epoch(), evaluate(), main(), the
-parser; the machinery is in utils.py. Writes config.json, metrics.jsonl and checkpoint.pth (a
-plain dict; --resume auto continues it exactly). The result is the last evaluation, never the best.
+Reads top to bottom: recipes, one step per method, train_one_epoch(), evaluate(), main(), the parser
+(machinery: utils.py). Writes config.json, metrics.jsonl, checkpoint.pth (--resume auto continues it).
 """
 import functools
 import math
@@ -28,26 +26,26 @@ import utils
 
 # ==== The papers' recipes; flags you type override them =============================
 RECIPES = {
-    # Seed 001, Sec. 3.2: batch 128, momentum 0.9, L2 1e-4, lr 0.01 for 500 iterations
+    # Wu's write-up, Sec. 3.2: batch 128, momentum 0.9, L2 1e-4, lr 0.01 for 500 iterations
     # then 0.1, /10 at 32k, 48k and 64k iterations, stop at 80k; pixels x*2/255-1.
     "seed001-cifar10": dict(
         model="resnet32", block="preact", shortcut="B", dataset="cifar10", normalize="seed001",
         loss="ce", batch_size=128, lr=0.1, momentum=0.9, wd=1e-4, warmup_iters=500,
         warmup_lr=0.01, iters=80000, milestones=[32000, 48000, 64000], milestone_unit="iter"),
-    # Seed 000, LFW top-20: RandomResizedCrop 224 + flip, 300 epochs, lr 0.01, batch 64,
-    # lambda 1, delta 1, center lr 0.5.
-    # not in the paper: momentum 0.9, weight decay 5e-4, constant lr (no milestones given).
+    # Tong's write-up, LFW top-20: RandomResizedCrop 224 + flip, 300 epochs, lr 0.01, batch 64, lambda 1,
+    # delta 1, center lr 0.5. not in the paper: momentum 0.9, weight decay 5e-4, constant lr (no milestones
+    # given); from scratch (LFW and CUB: no pre-training named).
     "lfw-joint": dict(
         model="resnet34", dataset="lfw", image_size=224, loss="joint", epochs=300, lr=0.01,
         batch_size=64, momentum=0.9, wd=5e-4, milestones=[], lam=1.0, delta=1.0, center_lr=0.5),
-    # Seed 000, CUB first 100 classes, 8:2 split: lr 0.1, x0.1 at epochs 50, 150, 250.
+    # Tong's write-up, CUB first 100 classes, 8:2 split: lr 0.1, x0.1 at epochs 50, 150, 250.
     # not in the paper: 300 epochs (as for LFW), batch 64, momentum 0.9, weight decay 5e-4.
     "cub-joint": dict(
         model="resnet34", dataset="cub", cub_classes=100, image_size=224, loss="joint",
         epochs=300, lr=0.1, batch_size=64, momentum=0.9, wd=5e-4, milestones=[50, 150, 250],
         lam=1.0, delta=1.0, center_lr=0.5),
 }
-# Seed 003, long-tailed CIFAR: ResNet-32, batch 512, SGD momentum 0.9, wd 1e-4, lr 0.5, 200 epochs,
+# Wang et al. 2021, long-tailed CIFAR: ResNet-32, batch 512, SGD momentum 0.9, wd 1e-4, lr 0.5, 200 epochs,
 # x0.1 at 120 and 160, alpha = 1 - (t/T)^2; tau 0.1 for SC, 1 (CIFAR-10) or 0.1 (CIFAR-100) for PSC.
 # iNaturalist 2018: ResNet-50 at 224, batch 100, lr 0.05, 100 epochs, x0.1 at 60, 80, alpha = 1 - t/T.
 # not in the paper: beta = 100 in the recipes (the paper reports 100 / 50 / 10; pass
@@ -59,21 +57,25 @@ RECIPES.update({
     "hybrid-psc-cifar10lt": dict(_HYBRID_CIFAR, dataset="cifar10", loss="hybrid-psc", tau=1.0),
     "hybrid-sc-cifar100lt": dict(_HYBRID_CIFAR, dataset="cifar100", loss="hybrid-sc", tau=0.1),
     "hybrid-psc-cifar100lt": dict(_HYBRID_CIFAR, dataset="cifar100", loss="hybrid-psc", tau=0.1),
+    # "for the SC loss the number of positives is fixed at 2": our reading, groups of 2 images of a class
     "hybrid-inat": dict(model="resnet50", dataset="inat", image_size=224, loss="hybrid-sc", tau=0.1,
                         batch_size=100, lr=0.05, momentum=0.9, wd=1e-4, epochs=100, milestones=[60, 80],
-                        alpha_schedule="linear"),
+                        alpha_schedule="linear", positives=2),
 })
-# Seed 002 (MKSMT): Swin-L with ImageNet-22K weights (--weights, the official release, e.g.
+# Yu et al. 2023 (MKSMT): Swin-L with ImageNet-22K weights (--weights, the official release, e.g.
 # swin_large_patch4_window7_224_22k.pth), OPM heads on S3 and S4, two-step training, decision
 # distillation with T = 1, lambda1 = lambda2 = 1. not in the paper (its Tables 2-3 are images):
 # 224 px (the window-7 22K release), batch 16, SGD lr 0.005 momentum 0.9, wd 5e-4, 50 epochs, x0.1 at 30, 40.
 _MKSMT = dict(model="swin_l", loss="mksmt", image_size=224, multistep=2, kd="decision", temperature=1.0,
               lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50,
               milestones=[30, 40])
+# not in the paper: lambda1 = lambda2 = 1 is given for CUB only, reused for NABirds and Dogs.
+# mksmt-cub-baseline: the paper's baseline, plain Swin-L with one output layer, trained alike.
 RECIPES.update({
-    "mksmt-cub": dict(_MKSMT, dataset="cub"),
-    "mksmt-nabirds": dict(_MKSMT, dataset="nabirds"),
+    "mksmt-cub": dict(_MKSMT, dataset="cub"), "mksmt-nabirds": dict(_MKSMT, dataset="nabirds"),
     "mksmt-dogs": dict(_MKSMT, dataset="dogs"),
+    "mksmt-cub-baseline": {k: v for k, v in dict(_MKSMT, dataset="cub", loss="ce").items()
+                           if k not in ("multistep", "kd", "temperature", "lambda1", "lambda2")},
 })
 HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 # The setup each recipe was published for: a run on its dataset with one of these losses gets the
@@ -81,8 +83,10 @@ HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 # yours, flags you type win, --recipe none turns it off. Other recipes: their own --loss only.
 SETUP_LOSSES = {"lfw-joint": ("joint", "center", "ce"), "cub-joint": ("joint", "center", "ce"),
                 "hybrid-psc-cifar10lt": ("hybrid-psc", "hybrid-mpsc"), "hybrid-psc-cifar100lt": ("hybrid-psc", "hybrid-mpsc")}
-RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)))
-                 for name, r in RECIPES.items()}
+SETUP_MODELS = {"mksmt-cub-baseline": models.SWINS}  # CE on CUB: MKSMT's baseline with a Swin, else Tong's
+RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)),
+                            **({"model": SETUP_MODELS[name]} if name in SETUP_MODELS else {}))
+                 for name, r in sorted(RECIPES.items(), key=lambda item: item[0] not in SETUP_MODELS)}
 
 
 # ==== Model, loss, optimizer, schedule ================================================
@@ -98,7 +102,7 @@ def build_model_from_args(args, num_classes, load_weights=True):
 
 
 def build_criterion(args, num_classes, feat_dim):
-    """The loss module that holds learned parameters: the joint objective (Eq. 8) with
+    """The loss module that holds learned parameters: the joint objective (Tong, Eq. 8) with
     its (contrastive-)center loss, or the hybrid objective with SC / PSC / MPSC.
     None for CE and MKSMT, whose terms are plain functions."""
     if args.loss in ("ce", "mksmt"):
@@ -121,6 +125,7 @@ def build_optimizer(args, model, criterion):
     (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD).
     PSC prototypes get the network's lr, momentum and schedule, without weight
     decay (not in the paper: the seed does not say how prototypes are learned)."""
+    # not in the paper: the weight decay ("L2 coefficient 0.0001") also applies to BN's weights and biases
     groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
     if isinstance(criterion, losses.HybridLoss):
         if list(criterion.parameters()):
@@ -136,7 +141,7 @@ def build_optimizer(args, model, criterion):
 
 def build_scheduler(args, optimizer, iters_per_epoch):
     """Per-iteration schedule: ``--warmup-iters`` at ``--warmup-lr``, then ``--lr``
-    multiplied by ``--gamma`` at each milestone (seed 001: 0.01 for 500 iterations,
+    multiplied by ``--gamma`` at each milestone (Wu's recipe: 0.01 for 500 iterations,
     0.1, /10 at 32k/48k/64k). The centers' lr stays constant unless
     ``--center-lr-schedule`` (our choice: the paper gives them a fixed 0.5)."""
     scale = 1 if args.milestone_unit == "iter" else iters_per_epoch
@@ -163,10 +168,10 @@ def top1(logits, labels):
 
 
 def add_deep_supervision(loss, parts, out, labels, aux_weight):
-    """With --deep-sup: L = L_main + alpha_t * sum_s CE(aux head s) (Wang et al. 2015, Sec. 3)."""
+    """With --deep-sup: L = L_main + alpha_t * sum_s CE(aux head s) (Wang et al. 2015)."""
     if not out.get("aux_logits"):
         return loss, parts
-    loss, aux_parts = losses.deep_supervision_loss(loss, out["aux_logits"], labels, aux_weight)
+    loss, aux_parts = losses.deep_supervision_loss(loss, out["aux_logits"], labels, aux_weight)  # (B, K) each
     return loss, {**parts, **aux_parts}
 
 
@@ -184,14 +189,15 @@ def ce_step(batch, model, optimizer, place, amp, scaler=None, aux_weight=0.0):
 
 
 def center_step(batch, model, criterion, optimizer, place, amp, scaler=None, aux_weight=0.0):
-    """CE + lambda * contrastive-center loss (--loss joint, Eq. 7-8) or Wen et al.'s
+    """CE + lambda * contrastive-center loss (--loss joint, Tong's write-up, Eq. 7-8) or Wen et al.'s
     center loss (--loss center) on the deep feature, the input of the final FC
     (+ deep supervision). batch: images (B, 3, H, W), labels (B,)."""
     images, labels = place(batch[0]), place(batch[1])
     with amp():
         out = model(images)                                               # logits (B, K), embedding (B, d)
     out32 = utils.to_float32(out)
-    loss, parts = criterion(out32["logits"], out32["embedding"], labels)   # Eq. (8)
+    # Tong's Eq. 8; distributed, Eq. 7's batch sum counts every process's share (losses.py)
+    loss, parts = criterion(out32["logits"], out32["embedding"], labels, shards=utils.world_size())
     loss, parts = add_deep_supervision(loss, parts, out32, labels, aux_weight)
     applied = utils.backward_and_step(optimizer, loss, scaler)
     return loss, {**parts, "top1": top1(out["logits"], labels)}, applied
@@ -211,8 +217,10 @@ def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=No
         out = model(images)                       # projection (2B + B', 128), logits (2B + B', K)
     out32 = utils.to_float32(out)
     projections = out32["projection"][:2 * B].view(B, 2, -1)               # (B, 2, 128): the views of image b
+    # distributed: positives and negatives span every process's batch, as on the paper's one device
+    projections, con_labels = utils.gather(projections), utils.gather(con_labels)   # (N B, 2, 128), (N B,)
     ce_logits = out32["logits"][2 * B:]                                    # (B', K)
-    loss, parts = criterion(projections, con_labels, ce_logits, ce_labels, alpha)   # Eq. (1)
+    loss, parts = criterion(projections, con_labels, ce_logits, ce_labels, alpha)   # digest's Eq. (1)
     out32["aux_logits"] = [a[2 * B:] for a in out32.get("aux_logits", [])]  # deep supervision on the CE batch
     loss, parts = add_deep_supervision(loss, parts, out32, ce_labels, aux_weight)
     applied = utils.backward_and_step(optimizer, loss, scaler)
@@ -221,7 +229,9 @@ def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=No
 
 def distillation(out, kd, temperature, detach_teacher, t2_scale):
     """Sum of the KD terms from the deepest head (teacher, S4) to every shallower
-    computed head (students): decision KD (Eq. 2/6) or feature KD (MSE)."""
+    computed head (students): decision KD (Yu et al., Eq. 2/6) or feature KD (MSE). not in the
+    paper: the teacher is detached (detach_teacher) and, with three heads, every shallower head
+    distils from the deepest (the paper pairs only S4 -> S3)."""
     teacher_logits, teacher_feature = out["head_logits"][-1], out["head_features"][-1]
     if kd == "feature":
         return sum(losses.feature_kd_loss(f, teacher_feature, detach_teacher) for f in out["head_features"][:-1])
@@ -279,9 +289,8 @@ STEPS = {"ce": ce_step, "center": center_step, "joint": center_step, "hybrid-sc"
 
 def bind_step(args, model, criterion, optimizer, scaler, device, aux_weight=0.0, alpha=None):
     """--loss's step function with this run's settings bound: step(batch) -> (loss, parts, applied)."""
-    common = dict(model=model, optimizer=optimizer, scaler=scaler,
-                  place=functools.partial(utils.to_device, device=device, channels_last=args.channels_last),
-                  amp=functools.partial(utils.autocast, args.amp, device.type))
+    common = dict(model=model, optimizer=optimizer, scaler=scaler, amp=functools.partial(utils.autocast, args.amp,
+                  device.type), place=functools.partial(utils.to_device, device=device, channels_last=args.channels_last))
     if args.loss == "mksmt":
         settings = dict(heads=args.heads, multistep=args.multistep, kd=args.kd, kd_exec=args.kd_exec,
                         lambda1=args.lambda1, lambda2=args.lambda2, temperature=args.temperature,
@@ -323,8 +332,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     counts its shard, the counts are summed. One device-to-host copy at the end."""
     model.eval()
     k = min(5, num_classes)
-    aux_stages = getattr(model, "aux_stages", [])
-    head_stages = getattr(model, "head_stages", [])
+    aux_stages, head_stages = getattr(model, "aux_stages", []), getattr(model, "head_stages", [])
     # counts: correct top-1, correct top-k, loss sum, then one per aux head and per MKSMT head
     counts = torch.zeros(3 + len(aux_stages) + len(head_stages), dtype=torch.float64, device=device)
     class_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)   # (K,)
@@ -333,8 +341,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if flip is not None:
             images = torch.flip(images, dims=[3 if flip == "h" else 2])   # (B, 3, H, W)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         with utils.autocast(amp, device.type):
             out = model(images)
         logits = out["logits"].float()                                   # (B, K)
@@ -352,10 +359,8 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         for tensor in (counts, class_correct, class_total):
             torch.distributed.all_reduce(tensor)  # NCCL needs them on the GPU
     flat = torch.cat([counts, class_correct, class_total]).tolist()     # the one device-to-host copy
-    n_counts = len(counts)
-    correct1, correct5, loss_sum = flat[:3]
-    aux_correct = flat[3:3 + len(aux_stages)]
-    head_correct = flat[3 + len(aux_stages):n_counts]
+    n_counts, (correct1, correct5, loss_sum) = len(counts), flat[:3]
+    aux_correct, head_correct = flat[3:3 + len(aux_stages)], flat[3 + len(aux_stages):n_counts]
     class_correct, class_total = flat[n_counts:n_counts + num_classes], flat[n_counts + num_classes:]
     total = sum(class_total)
     per_class = [100.0 * c / max(t, 1) for c, t in zip(class_correct, class_total)]
@@ -365,8 +370,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         for group, classes in utils.shot_groups(train_counts, many_threshold, few_threshold).items():
             classes = [c for c in classes if present[c]]
             shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else None
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "loss": loss_sum / total, "n": int(total),
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total, "n": int(total),
             "balanced_top1": sum(p for p, ok in zip(per_class, present) if ok) / sum(present), **shots,
             **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             **{f"head_top1_stage{s}": 100.0 * c / total for s, c in zip(head_stages, head_correct)},
@@ -375,11 +379,11 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
 
 # ==== main ============================================================================
 def main(args):
-    rank, world_size, device = utils.setup_distributed(args.device)
+    rank, world_size, device, started = utils.setup_distributed(args.device, args.sync_bn)
     try:
         return train(args, rank, world_size, device)
     finally:
-        if world_size > 1:
+        if started:
             torch.distributed.destroy_process_group()
 
 
@@ -412,6 +416,7 @@ def build(args, rank, world_size, device):
     optimizer = build_optimizer(args, model, criterion)
     train_model, eval_model = utils.prepare_model(model, device, world_size, args.channels_last, args.sync_bn,
                                                   args.compile, unused_parameters=args.loss == "mksmt")
+    train_criterion = utils.prepare_criterion(criterion, world_size)
     train_loader, sampler = utils.make_train_loader(args, train_set, device, rank, world_size,
                                                     two_streams=args.loss in HYBRID_LOSSES)
     eval_normalize = None if args.loader == "torch" else args.normalize
@@ -428,6 +433,7 @@ def build(args, rank, world_size, device):
                + (f" x {world_size} processes" if world_size > 1 else "")
                + f"; loader {'tensor' if utils.use_tensor_loader(args, train_set) else 'torch'}")
     return dict(model=model, train_model=train_model, eval_model=eval_model, criterion=criterion,
+                train_criterion=train_criterion,
                 optimizer=optimizer, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
                 scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
                 train_loader=train_loader, sampler=sampler, eval_loaders=eval_loaders, num_classes=num_classes,
@@ -451,7 +457,8 @@ def train(args, rank=0, world_size=1, device=None):
     run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
                     device, args.print_freq, args.save_every, args.skip_nonfinite,
                     save=lambda: rank == 0 and utils.save_checkpoint(utils.training_checkpoint(
-                        run, model, criterion, optimizer, scheduler, scaler, args, b["num_classes"]), ckpt_path))
+                        run, model, criterion, optimizer, scheduler, scaler, args, b["num_classes"]), ckpt_path),
+                    world_size=world_size)
     run.begin(utils.restore_progress(resumed, ckpt, rank) if resumed else None)
     if run.iteration >= total_iters:
         print(f"{resumed} already holds all {total_iters} iterations; nothing to do", flush=True)
@@ -459,7 +466,7 @@ def train(args, rank=0, world_size=1, device=None):
     aux_weight = lambda epoch: losses.deep_supervision_weight(args.aux_weight, epoch, epochs, args.aux_decay,
                                                               args.aux_stop)
     if args.probe_gradients:
-        step = bind_step(args, b["train_model"], criterion, optimizer, scaler, device, aux_weight(0))
+        step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, aux_weight(0))
         utils.probe_gradients(b["train_model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
                               args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
         return 0
@@ -470,7 +477,8 @@ def train(args, rank=0, world_size=1, device=None):
                 b["sampler"].set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
                 alpha = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha) \
                     if args.loss in HYBRID_LOSSES else None
-                step = bind_step(args, b["train_model"], criterion, optimizer, scaler, device, aux_weight(epoch), alpha)
+                step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device,
+                                 aux_weight(epoch), alpha)
                 train_stats = train_one_epoch(b["train_model"], criterion, step, b["train_loader"], optimizer, scheduler,
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))
                 train_stats = utils.reduce_mean(train_stats, world_size, device)
@@ -485,7 +493,7 @@ def train(args, rank=0, world_size=1, device=None):
                             "aux_weight": aux_weight(epoch), "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
                             "skipped_nonfinite": run.skipped_nonfinite, "seconds": round(run.progress()["seconds"], 1)})
                 run.save()
-                run.stop_if_signalled(epoch)
+                run.stop_if_signalled(f"after epoch {epoch}")  # arrived in its last step or its evaluation
     except utils.StopTraining as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -504,7 +512,7 @@ def get_args_parser(add_help=True):
                    help="fill in a paper's hyper-parameters (default: the recipe whose setup matches "
                         "--dataset and --loss, if any; none: no recipe)")
     p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES, "mksmt"],
-                   help="joint = CE + lambda * contrastive-center (Eq. 8); center = CE + lambda * center "
+                   help="joint = CE + lambda * contrastive-center (Tong, Eq. 8); center = CE + lambda * center "
                         "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
                         "mksmt = per-stage OPM heads, self-distillation, multi-step training")
     group("one-stream sampling", ("a --loss other than hybrid-* (their CE branch is always class-balanced)",
@@ -518,29 +526,26 @@ def get_args_parser(add_help=True):
     g.add_argument("--weights", help="local state dict to initialise the backbone from")
     g = group("CIFAR ResNet", ("a CIFAR ResNet --model (" + ", ".join(models.CIFAR_RESNETS) + ")",
                                lambda a: a.model in models.CIFAR_RESNETS))
-    g.add_argument("--block", default="post", choices=["post", "preact"], help="post-activation or seed 001's unit")
+    g.add_argument("--block", default="post", choices=["post", "preact"], help="post-activation or Wu's unit")
     g.add_argument("--shortcut", default="A", choices=["A", "B"], help="CIFAR ResNet shortcut option")
     g = group("plain network", ("a plain --model (" + ", ".join(models.PLAIN_NETS) + ")",
                                 lambda a: a.model in models.PLAIN_NETS))
     g.add_argument("--plain-init", default="xavier", choices=["xavier", "kaiming"], help="init of the plain nets")
     add_method_arguments(p)
     g = p.add_argument_group("deep supervision")
-    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S[,S...]",
-                   help="attach an auxiliary classifier to these stages (indices into `stages`)")
+    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S[,S...]", help="auxiliary heads after")
     g.add_argument("--probe-gradients", type=utils.COUNT, default=0, metavar="N",
                    help="train N iterations, write gradient_probe.csv (mean |grad| per layer), "
                         "print where to attach --deep-sup, and stop")
     g = group("deep supervision heads", ("--deep-sup S", lambda a: bool(a.deep_sup)))
-    g.add_argument("--aux-weight", type=utils.NON_NEGATIVE, default=0.3,
-                   help="alpha0 of L = L_main + alpha_t * sum L_aux (not in the paper: 0.3)")
+    g.add_argument("--aux-weight", type=utils.NON_NEGATIVE, default=0.3, help="alpha_0 (0.3: not in the paper)")
     g.add_argument("--aux-decay", default="linear", choices=["linear", "none", "step"],
                    help="alpha_t = alpha0 * (1 - t/N) (linear), alpha0 (none), or alpha0 then 0 (step)")
     g.add_argument("--aux-dropout", type=utils.BELOW_ONE, default=0.5, help="dropout of the auxiliary FC layers")
     g = group("step decay", ("--deep-sup S with --aux-decay step", lambda a: bool(a.deep_sup) and a.aux_decay == "step"))
     g.add_argument("--aux-stop", type=utils.COUNT, help="epoch at which alpha_t drops to 0 (default N/2)")
     g = group("gradient probe", ("--probe-gradients N", lambda a: a.probe_gradients > 0))
-    g.add_argument("--probe-threshold", type=utils.POSITIVE, default=1e-7,
-                   help="mean |grad| below which a layer counts as vanishing (paper: 1e-7)")
+    g.add_argument("--probe-threshold", type=utils.POSITIVE, default=1e-7, help="vanishing below (the paper's)")
     utils.add_data_arguments(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=utils.COUNT, default=0, help="total iterations; overrides --epochs")
@@ -549,8 +554,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr", type=utils.POSITIVE, default=0.1)
     g.add_argument("--momentum", type=utils.BELOW_ONE, default=0.9)
     g.add_argument("--wd", type=utils.NON_NEGATIVE, default=1e-4, help="weight decay of the network")
-    g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150],
-                   help="multiply the lr by --gamma at these epochs (or iterations)")
+    g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150], help="lr x --gamma at these")
     g.add_argument("--warmup-iters", type=utils.COUNT, default=0)
     group("epochs", ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0)).add_argument(
         "--epochs", type=utils.AT_LEAST_1, default=200)
@@ -569,16 +573,14 @@ def add_method_arguments(p):
     group = functools.partial(utils.conditional_group, p)
     g = group("joint supervision", ("--loss joint or center", lambda a: a.loss in ("joint", "center")))
     g.add_argument("--lambda", dest="lam", type=utils.NON_NEGATIVE,
-                   help="weight of the center term: default 1 for joint (Eq. 8), 0.003 for center "
+                   help="weight of the center term: default 1 for joint (Tong, Eq. 8), 0.003 for center "
                         "(Wen et al.'s face setting)")
     g.add_argument("--ctc-reduction", default="sum", choices=["sum", "mean"], help="over the batch (paper: sum)")
     g.add_argument("--center-lr", type=utils.POSITIVE, default=0.5, help="SGD lr of the class centers")
-    g.add_argument("--center-momentum", type=utils.BELOW_ONE, default=0.0,
-                   help="momentum of the centers' SGD (default 0: plain SGD as in the papers)")
-    g.add_argument("--center-lr-schedule", action="store_true",
-                   help="also apply warm-up/milestones to the centers' lr (default: constant)")
+    g.add_argument("--center-momentum", type=utils.BELOW_ONE, default=0.0, help="(the papers: plain SGD)")
+    g.add_argument("--center-lr-schedule", action="store_true", help="warm-up and milestones for the centers too")
     g = group("contrastive-center loss", ("--loss joint", lambda a: a.loss == "joint"))
-    g.add_argument("--delta", type=utils.POSITIVE, default=1.0, help="delta of Eq. 7")
+    g.add_argument("--delta", type=utils.POSITIVE, default=1.0, help="delta of Tong's Eq. 7")
     g = group("center loss", ("--loss center", lambda a: a.loss == "center"))
     g.add_argument("--center-update", default="wen", choices=["wen", "autograd"], help="Wen's step or the gradient")
     g = group("hybrid network", ("--loss hybrid-sc, hybrid-psc or hybrid-mpsc", lambda a: a.loss in HYBRID_LOSSES))
@@ -586,23 +588,22 @@ def add_method_arguments(p):
     g.add_argument("--alpha-schedule", default="parabolic", choices=["parabolic", "linear", "const"],
                    help="alpha = 1-(t/T)^2 (CIFAR), 1-t/T (iNaturalist) or --alpha")
     g.add_argument("--projection-dim", type=utils.AT_LEAST_1, default=128, help="width of the contrastive projection z")
+    g.add_argument("--positives", type=utils.COUNT, default=0, metavar="M",
+                   help="draw the contrastive batch in groups of M images of one class (data.PositivesSampler); "
+                        "0: instance sampling")
     g = group("constant alpha", ("a hybrid --loss with --alpha-schedule const",
                                  lambda a: a.loss in HYBRID_LOSSES and a.alpha_schedule == "const"))
     g.add_argument("--alpha", type=utils.UNIT, default=0.5, help="alpha for --alpha-schedule const")
     g = group("prototypes", ("--loss hybrid-psc or hybrid-mpsc", lambda a: a.loss in ("hybrid-psc", "hybrid-mpsc")))
-    g.add_argument("--num-prototypes", type=utils.AT_LEAST_1,
-                   help="prototypes per class: 1 for hybrid-psc, default 4 for hybrid-mpsc (not in the paper)")
-    g.add_argument("--psc-include-positive", action="store_true",
-                   help="include the positive class in the PSC denominator (the paper excludes it)")
+    g.add_argument("--num-prototypes", type=utils.AT_LEAST_1, help="per class (1; hybrid-mpsc: 4, ours)")
+    g.add_argument("--psc-include-positive", action="store_true", help="in the denominator (the paper: not)")
     g = group("MPSC", ("--loss hybrid-mpsc", lambda a: a.loss == "hybrid-mpsc"))
     g.add_argument("--prototype-weights", default="uniform", choices=["uniform", "softmax"],
                    help="MPSC weights w_{i,m}: 1/M, or a softmax over the own class's prototypes")
     g = group("MKSMT", ("--loss mksmt", lambda a: a.loss == "mksmt"))
-    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]",
-                   help="stages with an OPM output head (default: the last two, S3,S4 on Swin)")
+    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]", help="stages with an OPM head (last two)")
     g.add_argument("--head-width", type=utils.AT_LEAST_1, help="OPM width m = f (default per backbone: models.py)")
-    g.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3],
-                   help="optimizer steps per batch (Algorithm 2); 3 needs three --heads")
+    g.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3], help="steps per batch (Algorithm 2)")
     g.add_argument("--kd", default="decision", choices=["none", "decision", "feature"],
                    help="self-distillation from the deepest head: softmax outputs, OPM features, or none")
     g.add_argument("--lambda1", type=utils.NON_NEGATIVE, default=1.0, help="weight of CE(S4) in step 2")
@@ -616,8 +617,7 @@ def add_method_arguments(p):
     g.add_argument("--kd-no-t2", action="store_true", help="do not multiply the KD term by T^2")
     g = group("MKSMT multi-step distillation", ("--loss mksmt with --multistep 2 or 3 and --kd decision or feature",
                                                 lambda a: a.loss == "mksmt" and a.multistep > 1 and a.kd != "none"))
-    g.add_argument("--kd-exec", default="sync", choices=["sync", "async"],
-                   help="sync: CE and KD in one backward; async: a CE update, then a separate KD update")
+    g.add_argument("--kd-exec", default="sync", choices=["sync", "async"], help="KD in the last step or its own")
 
 
 def resolve_defaults(args):
@@ -668,7 +668,7 @@ def parse_args(argv=None):
     if args.few_threshold > args.many_threshold:
         parser.error(f"--few-threshold {args.few_threshold} is above --many-threshold {args.many_threshold}")
     if args.amp == "fp16" and args.loss == "center" and args.center_update == "wen":
-        parser.error("--amp fp16 scales the loss, which would shrink Wen's center step (Eq. 4) by the scale; "
+        parser.error("--amp fp16 scales the loss, which would shrink Wen's center step by the scale; "
                      "use --amp bf16 or --center-update autograd")
     if args.loss == "mksmt":
         if args.multistep > 1 and len(args.heads) != args.multistep:

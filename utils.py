@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # all_gather with a gradient
 import torch.nn as nn
 
 import data
@@ -322,6 +323,10 @@ def backward_and_step(optimizer, loss, scaler=None):
     leaves them, their weight decay and their momentum buffers untouched."""
     optimizer.zero_grad(set_to_none=True)
     finite = torch.isfinite(loss.detach())                                  # (), bool, on the device
+    if world_size() > 1:  # DDP averages the gradients: one process's NaN reaches all, so all skip
+        finite = finite.float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)                       # a device op, no host sync
+        finite = finite.bool()
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -418,15 +423,17 @@ class Run:
     iterations, the non-finite check (stop with exit code 3 beyond
     ``skip_nonfinite``), a pending SIGINT / SIGTERM (finish the step, save, stop
     with 128 + signal), ``save_every`` checkpoints. ``save()`` is the caller's
-    checkpoint writer."""
+    checkpoint writer. Distributed, every process must stop at the same step: a
+    signal is acted on at the next progress line, once the processes have agreed
+    on it (one all-reduce per line, with the non-finite count)."""
 
     PROGRESS = ("iteration", "epoch_sums", "epoch_count", "skipped_nonfinite", "seconds")
 
     def __init__(self, total_iters, iters_per_epoch, images_per_step, device, print_freq=50, save_every=0,
-                 skip_nonfinite=0, save=lambda: None):
+                 skip_nonfinite=0, save=lambda: None, world_size=1):
         self.total_iters, self.iters_per_epoch, self.images_per_step = total_iters, iters_per_epoch, images_per_step
         self.device, self.print_freq, self.save_every, self.skip_nonfinite = device, print_freq, save_every, skip_nonfinite
-        self.save = save
+        self.save, self.world_size, self.stop_agreed = save, world_size, False
         self.iteration, self.epoch_sums, self.epoch_count, self.skipped_nonfinite, self.seconds = 0, {}, 0, 0, 0.0
         self.stop_signal = None
 
@@ -473,7 +480,8 @@ class Run:
         """After a step: count it, print / check / save when due. True when the epoch ended."""
         self.iteration += 1
         self.window_images += self.images_per_step
-        if self.iteration % self.print_freq == 0 or self.iteration == self.total_iters:
+        due = self.iteration % self.print_freq == 0 or self.iteration == self.total_iters
+        if due:
             self.means, self.read_at = self.check(meter), self.iteration
             now = time.time()
             eta = (now - self.process_start) / (self.iteration - self.start_iteration) * (self.total_iters - self.iteration)
@@ -484,11 +492,10 @@ class Run:
             self.window_start, self.window_images = now, 0
         if self.iteration == self.epoch_end:
             return True  # the caller evaluates, saves, and honours a pending signal
-        if self.stop_signal is not None:
+        if self.stopping():
             self.check(meter)
             self.save()
-            raise StopTraining(f"stopped by signal {self.stop_signal} at iteration {self.iteration}; "
-                               f"continue with the same command plus --resume auto", 128 + self.stop_signal)
+            self.stop_if_signalled(f"at iteration {self.iteration}")
         if self.save_every and self.iteration % self.save_every == 0:
             self.check(meter)
             self.save()
@@ -506,6 +513,10 @@ class Run:
         written after a non-finite step that stops the run: the last good one stays.
         Returns the epoch's mean loss terms so far."""
         r = meter.read()
+        if self.world_size > 1:  # every process decides alike: any process's signal stops them all
+            flag = torch.tensor(float(self.stop_signal is not None), device=meter.count.device)
+            dist.all_reduce(flag)
+            self.stop_agreed = flag.item() > 0
         self.epoch_sums, self.epoch_count = r["sums"], r["count"]
         new = r["nonfinite"] - self.skipped_nonfinite
         if new > 0:
@@ -519,10 +530,16 @@ class Run:
             print(f"warning: {where}; skipped, nothing applied ({r['nonfinite']}/{self.skip_nonfinite})", flush=True)
         return {k: v / max(r["count"], 1) for k, v in r["sums"].items()}
 
-    def stop_if_signalled(self, epoch):
-        if self.stop_signal is not None:  # arrived in the epoch's last step or its evaluation
-            raise StopTraining(f"stopped by signal {self.stop_signal} after epoch {epoch}; "
-                               f"continue with the same command plus --resume auto", 128 + self.stop_signal)
+    def stopping(self):
+        """A signal asked to stop: this process, or, distributed, any process (as agreed
+        at the last check, so that all stop at the same step)."""
+        return self.stop_agreed if self.world_size > 1 else self.stop_signal is not None
+
+    def stop_if_signalled(self, where):
+        if self.stopping():
+            code = self.stop_signal or signal.SIGTERM  # a process the signal did not reach stops as if sent SIGTERM
+            raise StopTraining(f"stopped by signal {code} {where}; continue with the same command plus "
+                               f"--resume auto", 128 + code)
 
 
 # ----------------------------------------------------------------------------------
@@ -752,7 +769,8 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams
 
     ``two_streams`` (the hybrid losses) yields per iteration ((views (B, 2, 3, H, W),
     labels (B,)), (images (B', 3, H, W), labels (B',))): the contrastive branch's
-    instance-sampled images, two views each, and the CE branch's class-balanced
+    instance-sampled images (in groups of ``--positives`` same-class images with
+    ``data.PositivesSampler``), two views each, and the CE branch's class-balanced
     batch (``data.ClassBalancedSampler``) of single views. Both streams have
     len(train_set) // batch_size batches per epoch. Returns (loader, sampler)."""
     sampler = data.ResumableSampler(len(train_set), args.seed, world_size, rank)
@@ -762,12 +780,18 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams
     if tensor:
         def tensor_loader(sampler, **augment):
             return data.TensorLoader(train_set, args.batch_size, device, *data.NORMALIZATIONS[args.normalize],
-                                     sampler, args.seed, **augment)
+                                     sampler, args.seed, num_replicas=world_size, rank=rank, **augment)
     if not two_streams:
         if tensor:
             return tensor_loader(sampler), sampler
         return _loader(args, data.PerSampleSeed(train_set), sampler, device), sampler
     balanced = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
+    if args.positives:  # the contrastive stream in groups of same-class images (many classes, small batches)
+        try:
+            sampler = data.PositivesSampler(train_set.targets, args.positives, args.batch_size * world_size,
+                                            args.seed, world_size, rank)
+        except ValueError as e:
+            raise data.DataError(f"--positives {args.positives}: {e}") from None
     if tensor:
         streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
         return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
@@ -828,22 +852,48 @@ def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1
 # ----------------------------------------------------------------------------------
 # Distributed training (torchrun): process group, model wrapping, averaged statistics
 # ----------------------------------------------------------------------------------
-def setup_distributed(device_name):
+def setup_distributed(device_name, sync_bn=False):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: start the process group (NCCL on
-    GPUs, gloo on CPU) and silence print() on every process but rank 0 (as
-    torchvision's references do). Returns (rank, world_size, device)."""
+    GPUs, gloo on CPU; an already started one is used as it is) and silence print()
+    on every process but rank 0 (as torchvision's references do). Returns (rank,
+    world_size, device, whether this call started the group)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
-        return 0, 1, resolve_device(device_name)
+        return 0, 1, resolve_device(device_name), False
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if rank != 0:
+        builtins.print = lambda *a, **k: None
     device = resolve_device(device_name)
+    # torch: "SyncBatchNorm layers only work with GPU modules". Rank 0 says so and exits; torchrun then
+    # stops the others (waiting for it in init_process_group), so the line is printed once, reliably
+    if sync_bn and device.type != "cuda" and rank == 0:
+        raise data.DataError("--sync-bn needs CUDA devices; on CPU drop it (each process then keeps "
+                             "its own BatchNorm statistics)")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:
-        builtins.print = lambda *a, **k: None
-    return rank, world_size, device
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, started
+
+
+def world_size():
+    """The number of processes of the distributed run, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather(tensor):
+    """The tensors of every process concatenated along dim 0, in rank order: (N * B, ...).
+    Differentiable: the gradient of each process's part comes back to it, summed
+    over the processes (torch.distributed.nn's all_gather)."""
+    if world_size() == 1:
+        return tensor
+    if tensor.requires_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(tensor))
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
 
 
 def reduce_mean(stats, world_size, device):
@@ -874,6 +924,15 @@ def prepare_model(model, device, world_size, channels_last=False, sync_bn=False,
     if compile_mode != "none":
         return torch.compile(train_model, mode=compile_mode), torch.compile(model, mode=compile_mode)
     return train_model, model
+
+
+def prepare_criterion(criterion, world_size):
+    """A loss with learned parameters (centers, prototypes) under DDP too, so their
+    gradients are averaged over the processes like the network's; otherwise each
+    process would drift its own copy."""
+    if world_size > 1 and criterion is not None and any(p.requires_grad for p in criterion.parameters()):
+        return nn.parallel.DistributedDataParallel(criterion)
+    return criterion
 
 
 # ----------------------------------------------------------------------------------

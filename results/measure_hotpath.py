@@ -100,7 +100,9 @@ train_set, test_set, classes = data.build_datasets("npz", sys.argv[2])
 model = models.build_model("resnet32", classes).eval()
 result = {}
 for name, normalize in (("dataloader_2_workers", None), ("tensor", "cifar")):
-    loader = train.make_test_loader(test_set, 256, 2, torch.device("cpu"), normalize=normalize)
+    # train.py's loaders moved to utils.py in the redesign; this script also runs the older checkout
+    make_test_loader = getattr(train, "make_test_loader", None) or __import__("utils").make_test_loader
+    loader = make_test_loader(test_set, 256, 2, torch.device("cpu"), normalize=normalize)
     train.evaluate(model, [next(iter(loader))], torch.device("cpu"), classes)  # warm-up
     start = time.time()
     out = train.evaluate(model, loader, torch.device("cpu"), classes)

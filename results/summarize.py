@@ -1,4 +1,4 @@
-"""Tables for README.md from the runs in results/.
+"""Tables for results/README.md (and the README's results table) from the runs in results/.
 
     python results/summarize.py
 
