@@ -251,6 +251,8 @@ def main(args):
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
     model.to(device)
+    if args.gradcam_stages and not args.gradcam:
+        raise data.DataError("--gradcam-stages needs --gradcam N (how many test images)")
     if args.gradcam:
         paths = write_gradcams(model, test_set, args.gradcam, args.gradcam_dir, train_args.normalize
                                or data.DEFAULT_NORMALIZE[train_args.dataset], device, args.gradcam_stages)

@@ -53,9 +53,13 @@ def _common_dtype(features, centers):
     return features.to(dtype), centers.to(dtype)
 
 
-def _reduce(per_sample, reduction):
+def _reduce(per_sample, reduction, shards=1):
+    """Sum or mean over the batch. ``shards`` processes each holding 1/shards of the batch
+    (torch.distributed) multiply a sum by shards: the mean of their losses, and of their
+    gradients (what DistributedDataParallel applies), is then the whole batch's sum (not
+    in the papers: one device). A mean needs nothing: equal shards average to it."""
     if reduction == "sum":
-        return per_sample.sum()
+        return per_sample.sum() * shards
     if reduction == "mean":
         return per_sample.mean()
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -94,13 +98,14 @@ class ContrastiveCenterLoss(nn.Module):
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
     @full_precision
-    def forward(self, features, labels):
+    def forward(self, features, labels, shards=1):
+        """``shards``: see ``_reduce`` (1 on one device)."""
         features, centers = _common_dtype(features, self.centers)
         dist = squared_distances(features, centers)                          # (B, K)
         intra = dist.gather(1, labels[:, None]).squeeze(1)                  # (B,)  ||x_i - c_{y_i}||^2
         inter = dist.sum(1) - intra                                          # (B,)  sum_{j != y_i}
         per_sample = 0.5 * intra / (inter + self.delta)                      # Eq. (7)
-        return _reduce(per_sample, self.reduction)                           # Eq. (7): sum over i
+        return _reduce(per_sample, self.reduction, shards)                   # Eq. (7): sum over i
 
 
 class _WenCenterUpdate(torch.autograd.Function):
@@ -111,13 +116,14 @@ class _WenCenterUpdate(torch.autograd.Function):
 
     so plain SGD at lr alpha performs c_j <- c_j - alpha * delta c_j (Wen's
     update), whatever lambda and the reduction are. A class absent from the batch
-    gets delta c_j = 0. In a distributed run (torch.distributed initialised) the
-    sums over i run over every process's samples, so each process takes the step
-    of the whole batch (not in the paper: one device there)."""
+    gets delta c_j = 0. With ``over_processes`` (a batch split over the processes of
+    torch.distributed) the sums over i run over every process's samples, so each
+    process takes the step of the whole batch (not in the paper: one device)."""
 
     @staticmethod
-    def forward(ctx, centers, features, labels):
+    def forward(ctx, centers, features, labels, over_processes=False):
         ctx.save_for_backward(centers, features, labels)
+        ctx.over_processes = over_processes
         return centers.clone()
 
     @staticmethod
@@ -126,10 +132,10 @@ class _WenCenterUpdate(torch.autograd.Function):
         step = torch.zeros_like(centers).index_add_(0, labels, centers[labels] - features)  # (K, d)
         # index_add_, not bincount: bincount's output size depends on the data (a device sync)
         counts = torch.zeros_like(centers[:, 0]).index_add_(0, labels, torch.ones_like(features[:, 0]))  # (K,)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(step)      # the sums over the whole batch, all processes
+        if ctx.over_processes:  # the batch is split over the processes: sum over all of them
+            torch.distributed.all_reduce(step)
             torch.distributed.all_reduce(counts)
-        return step / (1 + counts)[:, None], None, None                                     # Wen's center update
+        return step / (1 + counts)[:, None], None, None, None                               # Wen's center update
 
 
 class CenterLoss(nn.Module):
@@ -168,13 +174,14 @@ class CenterLoss(nn.Module):
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
     @full_precision
-    def forward(self, features, labels):
+    def forward(self, features, labels, shards=1):
+        """``shards``: see ``_reduce``; Wen's step then sums over the processes too."""
         features, centers = _common_dtype(features, self.centers)
         if self.update == "wen":
-            centers = _WenCenterUpdate.apply(centers, features.detach(), labels)
+            centers = _WenCenterUpdate.apply(centers, features.detach(), labels, shards > 1)
         own_center = centers[labels]                                         # (B, d)
         per_sample = 0.5 * (features - own_center).pow(2).sum(1)             # Wen's L_C
-        return _reduce(per_sample, self.reduction)
+        return _reduce(per_sample, self.reduction, shards)
 
 
 class JointSupervisionLoss(nn.Module):
@@ -200,14 +207,10 @@ class JointSupervisionLoss(nn.Module):
         self.center_loss, self.lam = center_loss, lam
 
     def forward(self, logits, embedding, labels, shards=1):
-        """``shards``: the number of processes that each hold 1/shards of the batch. A
-        center term summed over the batch (Eq. 7) is multiplied by it, so the mean of
-        the processes' losses, and of their gradients (what DistributedDataParallel
-        applies), is the objective of the whole batch (not in the paper: one device)."""
+        """``shards``: the number of processes that each hold 1/shards of the batch
+        (torch.distributed; 1 on one device), passed to the center loss (``_reduce``)."""
         ce = F.cross_entropy(logits, labels)                                 # Eq. (6): L_s
-        center = self.center_loss(embedding, labels)
-        if self.center_loss.reduction == "sum":
-            center = center * shards
+        center = self.center_loss(embedding, labels, shards)
         return ce + self.lam * center, {"ce": ce.detach(), "center": center.detach()}  # Eq. (8)
 
 

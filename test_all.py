@@ -406,6 +406,8 @@ def test_recipe_defaults_and_explicit_override():
     # the paper's training hyper-parameters whatever the backbone; model and data agree on 224 px
     other = train.parse_args(lfw[:2] + ["--model", "resnet18"] + lfw[4:])
     assert (other.recipe, other.model, other.lr, other.image_size) == ("lfw-joint", "resnet18", 0.01, 224)
+    center = train.parse_args(["--loss", "center"] + lfw[2:])  # the recipe's lambda is the joint loss's
+    assert (center.recipe, center.lr, center.lam) == ("lfw-joint", 0.01, 0.003)
     args.output_dir = "runs/x"
     line = train.config_line(args)
     assert line.startswith("config: recipe lfw-joint (matched") and "--lr 0.01" in line and "\n" not in line
@@ -2373,18 +2375,21 @@ def test_loss_benchmarks_run_and_agree():
 # processes: a non-finite loss on one process only, and SIGTERM reaching the two at different steps.
 _DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce-torch-loader": ["--loader", "torch", "--image-size", "16"],
              "joint": ["--loss", "joint"], "joint-mean": ["--loss", "joint", "--ctc-reduction", "mean"],
-             "center-wen": ["--loss", "center"], "center-autograd": ["--loss", "center", "--center-update", "autograd"],
+             "center-wen": ["--loss", "center", "--lr", "0.002"],  # BN held fixed: large features, so a small lr
+             "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lr", "0.002", "--center-lr", "0.05"],
              "hybrid-sc": ["--loss", "hybrid-sc"], "hybrid-psc": ["--loss", "hybrid-psc", "--tau", "1"],
-             "hybrid-mpsc": ["--loss", "hybrid-mpsc"], "mksmt": ["--loss", "mksmt", "--head-width", "8"],
-             "mksmt-one-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "1"],
-             "mksmt-three-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "3"],
-             "mksmt-async": ["--loss", "mksmt", "--head-width", "8", "--kd-exec", "async"],
+             "hybrid-mpsc": ["--loss", "hybrid-mpsc"],
+             # two or three updates per batch without BN: at lr 0.05 rounding differences grow chaotically
+             "mksmt": ["--loss", "mksmt", "--head-width", "8", "--lr", "0.005"],
+             "mksmt-one-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "1", "--lr", "0.005"],
+             "mksmt-three-step": ["--loss", "mksmt", "--head-width", "8", "--multistep", "3", "--lr", "0.005"],
+             "mksmt-async": ["--loss", "mksmt", "--head-width", "8", "--kd-exec", "async", "--lr", "0.005"],
              "deep-sup": ["--deep-sup", "1", "--aux-dropout", "0"]}
 _DDP_SCRIPT = """
 import json, os, signal, sys, torch, torch.distributed as dist
 import train, utils
 npz, out, runs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-common = ["--dataset", "npz", "--data-path", npz, "--model", "plain20", "--recipe", "none", "--workers", "0",
+common = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--recipe", "none", "--workers", "0",
           "--lr", "0.05", "--milestones", "--print-freq", "1", "--device", "cpu"]
 
 def bn_held_in_eval_mode(self, mode=True):  # the OPM and auxiliary heads' BatchNorm: per-process batch

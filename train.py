@@ -69,8 +69,7 @@ RECIPES.update({
 _MKSMT = dict(model="swin_l", loss="mksmt", image_size=224, multistep=2, kd="decision", temperature=1.0,
               lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50,
               milestones=[30, 40])
-# not in the paper: lambda1 = lambda2 = 1 is given for CUB only, reused for NABirds and Dogs.
-# mksmt-cub-baseline: the paper's baseline, plain Swin-L with one output layer, trained alike.
+# not in the paper: lambda1 = lambda2 = 1 is given for CUB only. The baseline: plain Swin-L, trained alike.
 RECIPES.update({
     "mksmt-cub": dict(_MKSMT, dataset="cub"), "mksmt-nabirds": dict(_MKSMT, dataset="nabirds"),
     "mksmt-dogs": dict(_MKSMT, dataset="dogs"),
@@ -390,7 +389,7 @@ def main(args):
 def build(args, rank, world_size, device):
     """Everything a run needs, built in a fixed order (it fixes the RNG draws), and
     checked before anything is written. Returns a dict of the parts."""
-    utils.seed_everything(args.seed, args.deterministic)
+    utils.seed_everything(args.seed + rank, args.deterministic)  # own dropout per process; DDP copies rank 0's init
     if args.amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     train_set, test_set, num_classes = utils.build_datasets_from_args(args)
@@ -456,8 +455,8 @@ def train(args, rank=0, world_size=1, device=None):
     ckpt_path, metrics_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pth", "metrics.jsonl"))
     run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
                     device, args.print_freq, args.save_every, args.skip_nonfinite,
-                    save=lambda: rank == 0 and utils.save_checkpoint(utils.training_checkpoint(
-                        run, model, criterion, optimizer, scheduler, scaler, args, b["num_classes"]), ckpt_path),
+                    save=lambda: utils.save_training_checkpoint(ckpt_path, rank, run, model, criterion, optimizer,
+                                                                scheduler, scaler, args, b["num_classes"]),
                     world_size=world_size)
     run.begin(utils.restore_progress(resumed, ckpt, rank) if resumed else None)
     if run.iteration >= total_iters:
@@ -467,7 +466,7 @@ def train(args, rank=0, world_size=1, device=None):
                                                               args.aux_stop)
     if args.probe_gradients:
         step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, aux_weight(0))
-        utils.probe_gradients(b["train_model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
+        utils.probe_gradients(b["model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
                               args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
         return 0
     result = None
@@ -515,15 +514,15 @@ def get_args_parser(add_help=True):
                    help="joint = CE + lambda * contrastive-center (Tong, Eq. 8); center = CE + lambda * center "
                         "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
                         "mksmt = per-stage OPM heads, self-distillation, multi-step training")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES)
+    g.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
+    g.add_argument("--weights", help="local state dict to initialise the backbone from")
     group("one-stream sampling", ("a --loss other than hybrid-* (their CE branch is always class-balanced)",
                                   lambda a: a.loss not in HYBRID_LOSSES)).add_argument(
         "--sampler", default="instance", choices=["instance", "class-balanced"],
         help="each image once per epoch, shuffled (instance), or a uniform class then a uniform image of it, "
              "with replacement (class-balanced: the hybrid network's CE-branch sampler, here alone)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES)
-    g.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
-    g.add_argument("--weights", help="local state dict to initialise the backbone from")
     g = group("CIFAR ResNet", ("a CIFAR ResNet --model (" + ", ".join(models.CIFAR_RESNETS) + ")",
                                lambda a: a.model in models.CIFAR_RESNETS))
     g.add_argument("--block", default="post", choices=["post", "preact"], help="post-activation or Wu's unit")
@@ -651,8 +650,9 @@ def parse_args(argv=None):
                                 if all(getattr(args, k) in values for k, values in setup.items())), None), True
     if recipe not in (None, "none"):
         values = RECIPES[recipe]
-        if matched:  # the setup stays yours
-            values = {k: v for k, v in values.items() if k not in RECIPE_SETUPS[recipe]}
+        if matched:  # the setup stays yours, and a recipe's loss weights apply to its own loss only
+            values = {k: v for k, v in values.items() if k not in RECIPE_SETUPS[recipe]
+                      and not (k in ("lam", "delta") and args.loss != values["loss"])}
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     args.recipe, args.recipe_matched = recipe or "none", matched and recipe is not None
@@ -678,8 +678,8 @@ def parse_args(argv=None):
             parser.error("self-distillation needs at least two --heads (a teacher and a student)")
         if args.deep_sup or args.probe_gradients:
             parser.error("--loss mksmt does not combine with --deep-sup / --probe-gradients")
-    if args.loss in HYBRID_LOSSES and args.probe_gradients:
-        parser.error("--probe-gradients works with --loss ce / center / joint, not with a hybrid loss")
+    if args.probe_gradients and (args.loss in HYBRID_LOSSES or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        parser.error("--probe-gradients works with --loss ce / center / joint in one process (no hybrid loss, no torchrun)")
     return args
 
 

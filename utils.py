@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_gather with a gradient
 import torch.nn as nn
 
 import data
@@ -42,7 +41,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         flags, sep, rest = message.partition(": must be ")
         if sep and flags.startswith("argument "):
             message = f"{flags[len('argument '):].split('/')[-1]} must be {rest}"
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)  # torchrun
 
 
 def ranged(kind, words, test):
@@ -452,12 +451,17 @@ class Run:
     @contextlib.contextmanager
     def signals_stop_at_a_step_boundary(self):
         """SIGINT / SIGTERM set ``stop_signal``; the run saves and stops after the
-        step in flight. A second Ctrl-C stops at once."""
+        step in flight (distributed: at the next progress line). A second Ctrl-C stops
+        at once; a repeated SIGTERM (a launcher signalling every process, then torchrun
+        forwarding it) changes nothing, so the checkpoint is still written."""
         def on_signal(signum, frame):
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
             self.stop_signal = signum
-            print(f"signal {signum}: finishing this step, then saving a checkpoint", flush=True)
+            when = "at the next progress line" if self.world_size > 1 else "after this step"
+            print(f"signal {signum}: stopping {when}, then saving a checkpoint", flush=True)
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -536,7 +540,10 @@ class Run:
         return self.stop_agreed if self.world_size > 1 else self.stop_signal is not None
 
     def stop_if_signalled(self, where):
+        """Called after save(): stop (every process) if a signal asked to."""
         if self.stopping():
+            if self.world_size > 1:
+                dist.barrier()  # no process exits (and so makes torchrun stop the others) before rank 0 has saved
             code = self.stop_signal or signal.SIGTERM  # a process the signal did not reach stops as if sent SIGTERM
             raise StopTraining(f"stopped by signal {code} {where}; continue with the same command plus "
                                f"--resume auto", 128 + code)
@@ -553,7 +560,7 @@ def rng_states():
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this process's device
 
 
 def set_rng_states(states):
@@ -564,7 +571,10 @@ def set_rng_states(states):
                          n["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        if len(states["cuda"]) == 1:
+            torch.cuda.set_rng_state(states["cuda"][0])
+        else:  # an older checkpoint holds every device's state
+            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_checkpoint(state, path):
@@ -578,13 +588,25 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes):
+def save_training_checkpoint(path, rank, run, model, criterion, optimizer, scheduler, scaler, args, num_classes):
+    """Called on every process: the RNG states of all are gathered (each process draws
+    its own dropout masks), then rank 0 writes the checkpoint."""
+    rng = rng_states()
+    if world_size() > 1:
+        per_rank = [None] * world_size()
+        dist.all_gather_object(per_rank, rng)
+    if rank == 0:
+        ckpt = training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes, rng)
+        save_checkpoint({**ckpt, **({"rng_per_rank": per_rank} if world_size() > 1 else {})}, path)
+
+
+def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes, rng):
     """The checkpoint dict: model, loss parameters (centers, prototypes), optimizer,
-    scheduler, the run's progress, every RNG state, the resolved arguments."""
+    scheduler, the run's progress, the RNG states, the resolved arguments."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "criterion": criterion.state_dict() if criterion is not None else {},
             "scheduler": scheduler.state_dict(), "epoch": run.iteration // run.iters_per_epoch,
-            "iteration": run.iteration, "progress": run.progress(), "rng": rng_states(),
+            "iteration": run.iteration, "progress": run.progress(), "rng": rng,
             "num_classes": num_classes, "args": vars(args),
             **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
@@ -632,7 +654,14 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
             os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
         return None, None
     ckpt = load_checkpoint(path)
-    load_state_checked(model, ckpt["model"], path, args.model)
+    try:
+        load_state_checked(model, ckpt["model"], path, args.model)
+    except data.DataError as e:  # a checkpoint from before --image-size / --head-width were resolved
+        hints = {"head_width": "--head-width 512 (Swin's heads were 512 wide)",
+                 "image_size": "the code that wrote it (its model has the 32-px stem, its data the dataset's size)"}
+        unset = [hint for key, hint in hints.items() if key in ckpt["args"] and ckpt["args"][key] is None]
+        raise data.DataError(str(e) + ("; it was trained with these unset, resume it with " + " or ".join(unset)
+                                       if unset else "")) from None
     if criterion is not None:
         load_state_checked(criterion, ckpt.get("criterion", {}), path, f"--loss {args.loss}")
     try:
@@ -649,7 +678,10 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
 
 def restore_progress(path, ckpt, rank=0):
     """The RNG states and the run's progress of a checkpoint that ``resume`` loaded."""
-    if "rng" in ckpt:
+    per_rank = ckpt.get("rng_per_rank", [])
+    if len(per_rank) == world_size() > 1:
+        set_rng_states(per_rank[rank])
+    elif "rng" in ckpt:
         set_rng_states(ckpt["rng"])
     else:
         print(f"{path} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
@@ -883,16 +915,33 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather along dim 0; going backward, each process's part receives the sum over
+    the processes of the gradient with respect to it (each computed the loss on all parts)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        return torch.cat(parts)                                                 # (N B, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)                                                   # summed over the processes
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather(tensor):
-    """The tensors of every process concatenated along dim 0, in rank order: (N * B, ...).
-    Differentiable: the gradient of each process's part comes back to it, summed
-    over the processes (torch.distributed.nn's all_gather)."""
+    """The tensors of every process concatenated along dim 0, in rank order: (N * B, ...);
+    differentiable (``_GatherWithGradient``). The tensor itself without a distributed run."""
     if world_size() == 1:
         return tensor
     if tensor.requires_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(tensor))
+        return _GatherWithGradient.apply(tensor)
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor)
+    dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
