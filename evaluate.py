@@ -89,7 +89,7 @@ def plot_probe(csv_path):
 
 
 # ----------------------------------------------------------------------------------
-# MKSMT extras (Yu et al. 2023; README, Equations: MKSMT): Grad-CAM per head, parameters / FLOPs
+# MKSMT extras (Yu et al. 2023): Grad-CAM per stage, parameters / FLOPs
 # ----------------------------------------------------------------------------------
 def gradcam(model, images, stage):
     """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one stage's feature map.

@@ -8,9 +8,9 @@ et al., CVPR 2021 ("the Wang et al. 2021 digest"); Yu et al. 2023 (MKSMT, the
 paper itself). A paper that is not among those texts (Qi & Su 2017, Wen et al.
 2016, Wang et al. 2015, Khosla et al. 2020) is cited by name or section, never
 by an equation number that could not be checked here. A ``# Eq. (n)`` comment
-uses the numbering of the docstring above it. README.md (section Equations)
+uses the numbering of the docstring above it. README.md (section Code map)
 writes every equation out. Every loss is tested in ``test_all.py`` against a
-per-sample Python loop written from the equation.
+per-sample Python loop written from the equation (``naive_*``, at the end of this file).
 """
 import functools
 import math
@@ -437,7 +437,7 @@ class HybridLoss(nn.Module):
 # ----------------------------------------------------------------------------------
 def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True, t2_scale=True):
     """Decision distillation of MKSMT (Yu et al. 2023, Sec. 1.2 Eq. 1, 2 and Sec. 2.4
-    Eq. 6; the paper's own numbers; README, Equations: MKSMT): the shallower head
+    Eq. 6; the paper's own numbers; README, Code map): the shallower head
     (student, S3) matches the softened output of the deeper one (teacher, S4).
 
         p_i = exp(z_i / T) / sum_j exp(z_j / T)                               (Yu et al., Eq. 1)

@@ -699,7 +699,7 @@ def count_parameters(model):
 # MKSMT (Yu et al. 2023): output processing module, Swin-L weights
 # ----------------------------------------------------------------------------------
 class OPM(nn.Module):
-    """Output processing module of MKSMT (Yu et al. 2023, Sec. 2.1, Fig. 2; README, Equations: MKSMT): maps
+    """Output processing module of MKSMT (Yu et al. 2023, Sec. 2.1, Fig. 2; README, Code map): maps
     one stage's feature map to K class scores, one module per supervised stage.
 
         conv1x1 C -> m, BN, ReLU;  conv3x3 m -> 2m, BN, ReLU

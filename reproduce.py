@@ -64,7 +64,7 @@ Setup = collections.namedtuple("Setup", "title data configs metrics")
 _LT = ["--imbalance-ratio", "100", "--many-threshold", "100", "--few-threshold", "20"]
 # Deep supervision: 64k iterations at batch 128, lr /10 at 32k and 48k iterations (our
 # choice). plain56 with Kaiming init at lr 0.001: the lr the seed-004 study chose for it on a
-# validation split of the CIFAR-10 subset (README "Seed 004 study": at 0.1 / 0.03 / 0.01 /
+# validation split of the CIFAR-10 subset (results/README.md "Seed 004 study": at 0.1 / 0.03 / 0.01 /
 # 0.003 it ends at chance after 5 epochs; at 0.001 it trains, slowly); with Xavier init no
 # lr tried moved plain32-56 off chance. resnet56 at He et al.'s lr 0.1.
 _DEEPSUP_SCHEDULE = ["--iters", "64000", "--milestones", "32000", "48000", "--milestone-unit", "iter",

@@ -532,7 +532,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--plain-init", default="xavier", choices=["xavier", "kaiming"], help="init of the plain nets")
     add_method_arguments(p)
     g = p.add_argument_group("deep supervision")
-    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S[,S...]", help="auxiliary heads after")
+    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S,...", help="aux. heads after these stages")
     g.add_argument("--probe-gradients", type=utils.COUNT, default=0, metavar="N",
                    help="train N iterations, write gradient_probe.csv (mean |grad| per layer), "
                         "print where to attach --deep-sup, and stop")

@@ -988,8 +988,9 @@ def prepare_criterion(criterion, world_size):
 # Diagnostics: deep supervision's gradient probe, long-tail class groups
 # ----------------------------------------------------------------------------------
 def probe_gradients(model, step, loader, sampler, scheduler, iterations, threshold, path):
-    """Seed 004's rule for placing the auxiliary classifier: train ``iterations`` steps,
-    record the mean |gradient| of every conv / linear weight of the backbone after
+    """The rule for placing the auxiliary classifier (Wang et al. 2015, as the deep-supervision
+    explainer gives it): train ``iterations`` steps, record the mean |gradient| of every
+    conv / linear weight of the backbone after
     each backward pass, and attach the head after the stage holding the deepest layer
     whose mean falls below ``threshold`` (1e-7 in the paper). Writes ``path``
     (gradient_probe.csv: iteration, layer, stage, mean_abs_grad)."""
