@@ -25,12 +25,12 @@ def full_precision(forward):
     --amp its matmuls and exponentials would otherwise run in fp16 / bf16, which is
     too coarse for distance ratios and logits divided by a small temperature."""
     @functools.wraps(forward)
-    def wrapped(self, *inputs):
+    def wrapped(self, *inputs, **options):  # options: plain values (e.g. shards)
         device_type = next((x.device.type for x in inputs if torch.is_tensor(x)), "cpu")
         inputs = [x.to(torch.promote_types(x.dtype, torch.float32))
                   if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
         with torch.autocast(device_type, enabled=False):
-            return forward(self, *inputs)
+            return forward(self, *inputs, **options)
     return wrapped
 
 

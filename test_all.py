@@ -408,6 +408,8 @@ def test_recipe_defaults_and_explicit_override():
     assert (other.recipe, other.model, other.lr, other.image_size) == ("lfw-joint", "resnet18", 0.01, 224)
     center = train.parse_args(["--loss", "center"] + lfw[2:])  # the recipe's lambda is the joint loss's
     assert (center.recipe, center.lr, center.lam) == ("lfw-joint", 0.01, 0.003)
+    named = train.parse_args(["--recipe", "lfw-joint", "--loss", "center", "--data-path", "x"])
+    assert (named.lr, named.lam) == (0.01, 0.003) and train.parse_args(["--recipe", "lfw-joint"]).lam == 1.0
     args.output_dir = "runs/x"
     line = train.config_line(args)
     assert line.startswith("config: recipe lfw-joint (matched") and "--lr 0.01" in line and "\n" not in line

@@ -458,7 +458,7 @@ def train(args, rank=0, world_size=1, device=None):
                     save=lambda: utils.save_training_checkpoint(ckpt_path, rank, run, model, criterion, optimizer,
                                                                 scheduler, scaler, args, b["num_classes"]),
                     world_size=world_size)
-    run.begin(utils.restore_progress(resumed, ckpt, rank) if resumed else None)
+    run.begin(utils.restore_progress(resumed, ckpt, rank, device) if resumed else None)
     if run.iteration >= total_iters:
         print(f"{resumed} already holds all {total_iters} iterations; nothing to do", flush=True)
         return 0
@@ -492,7 +492,7 @@ def train(args, rank=0, world_size=1, device=None):
                             "aux_weight": aux_weight(epoch), "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
                             "skipped_nonfinite": run.skipped_nonfinite, "seconds": round(run.progress()["seconds"], 1)})
                 run.save()
-                run.stop_if_signalled(f"after epoch {epoch}")  # arrived in its last step or its evaluation
+                run.stop_if_signalled(f"after epoch {epoch}")  # one process: a signal in its last step or evaluation
     except utils.StopTraining as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -650,9 +650,9 @@ def parse_args(argv=None):
                                 if all(getattr(args, k) in values for k, values in setup.items())), None), True
     if recipe not in (None, "none"):
         values = RECIPES[recipe]
-        if matched:  # the setup stays yours, and a recipe's loss weights apply to its own loss only
-            values = {k: v for k, v in values.items() if k not in RECIPE_SETUPS[recipe]
-                      and not (k in ("lam", "delta") and args.loss != values["loss"])}
+        own_loss = matched or "loss" in utils.explicit_dests(parser, argv)  # a recipe's loss weights: its loss only
+        values = {k: v for k, v in values.items() if not (matched and k in RECIPE_SETUPS[recipe])
+                  and not (k in ("lam", "delta") and own_loss and args.loss != values["loss"])}
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     args.recipe, args.recipe_matched = recipe or "none", matched and recipe is not None

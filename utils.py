@@ -552,18 +552,19 @@ class Run:
 # ----------------------------------------------------------------------------------
 # Checkpoints: a plain dict with every RNG state, atomic writes, exact resume
 # ----------------------------------------------------------------------------------
-def rng_states():
+def rng_states(device=None):
     """Every global RNG the training step may draw from (dropout, stochastic depth),
-    as tensors / plain Python values so the checkpoint loads with weights_only."""
+    as tensors / plain Python values so the checkpoint loads with weights_only. CUDA:
+    the generator of the training ``device`` only (each process has its own)."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
             "torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this process's device
+            "cuda": [torch.cuda.get_rng_state(device)] if device is not None and device.type == "cuda" else []}
 
 
-def set_rng_states(states):
+def set_rng_states(states, device=None):
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     n = states["numpy"]
@@ -572,7 +573,8 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         if len(states["cuda"]) == 1:
-            torch.cuda.set_rng_state(states["cuda"][0])
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(states["cuda"][0], device)
         else:  # an older checkpoint holds every device's state
             torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -591,7 +593,7 @@ def save_checkpoint(state, path):
 def save_training_checkpoint(path, rank, run, model, criterion, optimizer, scheduler, scaler, args, num_classes):
     """Called on every process: the RNG states of all are gathered (each process draws
     its own dropout masks), then rank 0 writes the checkpoint."""
-    rng = rng_states()
+    rng = rng_states(run.device)
     if world_size() > 1:
         per_rank = [None] * world_size()
         dist.all_gather_object(per_rank, rng)
@@ -657,9 +659,12 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     try:
         load_state_checked(model, ckpt["model"], path, args.model)
     except data.DataError as e:  # a checkpoint from before --image-size / --head-width were resolved
-        hints = {"head_width": "--head-width 512 (Swin's heads were 512 wide)",
-                 "image_size": "the code that wrote it (its model has the 32-px stem, its data the dataset's size)"}
-        unset = [hint for key, hint in hints.items() if key in ckpt["args"] and ckpt["args"][key] is None]
+        old = ckpt["args"]
+        unset = [hint for hint, applies in (
+            ("--head-width 512 (Swin's heads were 512 wide)",
+             old.get("loss") == "mksmt" and str(old.get("model")).startswith("swin") and old.get("head_width") is None),
+            ("the code that wrote it (its model has the 32-px stem, its data the dataset's size)",
+             "image_size" in old and old["image_size"] is None and old.get("dataset") not in SMALL_DATASETS)) if applies]
         raise data.DataError(str(e) + ("; it was trained with these unset, resume it with " + " or ".join(unset)
                                        if unset else "")) from None
     if criterion is not None:
@@ -676,13 +681,16 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     return path, ckpt
 
 
-def restore_progress(path, ckpt, rank=0):
+def restore_progress(path, ckpt, rank=0, device=None):
     """The RNG states and the run's progress of a checkpoint that ``resume`` loaded."""
     per_rank = ckpt.get("rng_per_rank", [])
     if len(per_rank) == world_size() > 1:
-        set_rng_states(per_rank[rank])
-    elif "rng" in ckpt:
-        set_rng_states(ckpt["rng"])
+        set_rng_states(per_rank[rank], device)
+    elif "rng" in ckpt and (world_size() == 1 or rank == 0):
+        set_rng_states(ckpt["rng"], device)
+        if world_size() > 1:
+            print(f"{path} holds one process's RNG state (another number of processes): rank 0 restores it, the "
+                  f"others keep their own seed; the resumed run is not bit-exact", flush=True)
     else:
         print(f"{path} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
     progress = ckpt.get("progress", {"iteration": ckpt["iteration"]})
