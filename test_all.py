@@ -1973,6 +1973,8 @@ def test_recipes_and_flag_combinations():
                            (["--few-threshold", "200"], "above --many-threshold")):
         message = _parse_error(argv)
         assert fragment in message and message.count("\n") == 1, message
+    args, err = _try_parse(["--probe-gradients", "2", "WORLD_SIZE=2"])  # torchrun's environment
+    assert args is None and "in one process" in err and err.count("\n") == 1, err
 
 
 def test_losses_ignore_autocast_and_compute_in_float32():
@@ -2126,6 +2128,9 @@ def test_mksmt_train_and_evaluate_extras_end_to_end():
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["flip"] == "v" and result["complexity"]["params_overhead_percent"] > 0
+        r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"),
+                            "--gradcam-stages", "1"], cwd=HERE, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip() == "error: --gradcam-stages needs --gradcam N (how many test images)"
         backbone = models.count_parameters(models.build_model("resnet20", 4))
         assert result["complexity"]["backbone"]["params"] == backbone
         assert sorted(os.listdir(os.path.join(d, "cams"))) == [f"stage{s}_{i:03d}.png" for s in (0, 1, 2) for i in (0, 1)]
