@@ -123,7 +123,7 @@ def build_optimizer(args, model, criterion):
     """SGD over the network; the class centers get their own group: lr --center-lr
     (0.5), no weight decay, momentum --center-momentum (0: the papers' plain SGD).
     PSC prototypes get the network's lr, momentum and schedule, without weight
-    decay (not in the paper: the seed does not say how prototypes are learned)."""
+    decay (not in the paper: the Wang et al. 2021 digest does not say how prototypes are learned)."""
     # not in the paper: the weight decay ("L2 coefficient 0.0001") also applies to BN's weights and biases
     groups = [{"params": list(model.parameters()), "weight_decay": args.wd, "lr": args.lr}]
     if isinstance(criterion, losses.HybridLoss):
