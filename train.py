@@ -80,8 +80,8 @@ HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 # The setup each recipe was published for: a run on its dataset with one of these losses gets the
 # recipe's hyper-parameters whatever its --model (the first match wins); --dataset and --loss stay
 # yours, flags you type win, --recipe none turns it off. Other recipes: their own --loss only.
-SETUP_LOSSES = {"lfw-joint": ("joint", "center", "ce"), "cub-joint": ("joint", "center", "ce"),
-                "hybrid-psc-cifar10lt": ("hybrid-psc", "hybrid-mpsc"), "hybrid-psc-cifar100lt": ("hybrid-psc", "hybrid-mpsc")}
+SETUP_LOSSES = {**dict.fromkeys(("lfw-joint", "cub-joint"), ("joint", "center", "ce")),
+                **dict.fromkeys(("hybrid-psc-cifar10lt", "hybrid-psc-cifar100lt"), ("hybrid-psc", "hybrid-mpsc"))}
 SETUP_MODELS = {"mksmt-cub-baseline": models.SWINS}  # CE on CUB: MKSMT's baseline with a Swin, else Tong's
 RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)),
                             **({"model": SETUP_MODELS[name]} if name in SETUP_MODELS else {}))
@@ -369,8 +369,8 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         for group, classes in utils.shot_groups(train_counts, many_threshold, few_threshold).items():
             classes = [c for c in classes if present[c]]
             shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else None
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total, "n": int(total),
-            "balanced_top1": sum(p for p, ok in zip(per_class, present) if ok) / sum(present), **shots,
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
+            "n": int(total), "balanced_top1": sum(p for p, ok in zip(per_class, present) if ok) / sum(present), **shots,
             **{f"aux_top1_stage{s}": 100.0 * c / total for s, c in zip(aux_stages, aux_correct)},
             **{f"head_top1_stage{s}": 100.0 * c / total for s, c in zip(head_stages, head_correct)},
             "per_class": per_class}
@@ -396,7 +396,7 @@ def build(args, rank, world_size, device):
     train_set, val_set = utils.split_off_validation(args, train_set, test_set)
     if args.skip_corrupt:
         dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
-        print(f"--skip-corrupt: dropped {len(dropped)} unreadable images" + (f" (e.g. {dropped[0]})" if dropped else ""))
+        print(f"--skip-corrupt: dropped {len(dropped)} unreadable images" + "".join(f" (e.g. {d})" for d in dropped[:1]))
     if args.batch_size * world_size > len(train_set):
         per = f" x {world_size} processes" if world_size > 1 else ""
         raise data.DataError(f"--batch-size {args.batch_size}{per} is larger than the training set "
@@ -445,7 +445,7 @@ def train(args, rank=0, world_size=1, device=None):
     device = device or utils.resolve_device(args.device)
     args.output_dir = args.output_dir or utils.default_output_dir(args)
     b = build(args, rank, world_size, device)
-    model, criterion, optimizer, scheduler, scaler = (b[k] for k in ("model", "criterion", "optimizer", "scheduler", "scaler"))
+    model, criterion, optimizer, scheduler, scaler = map(b.get, "model criterion optimizer scheduler scaler".split())
     resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler, rank)
     if rank == 0:
         utils.prepare_output_dir(args)
@@ -532,7 +532,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--plain-init", default="xavier", choices=["xavier", "kaiming"], help="init of the plain nets")
     add_method_arguments(p)
     g = p.add_argument_group("deep supervision")
-    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S,...", help="aux. heads after these stages")
+    g.add_argument("--deep-sup", type=utils.stage_list, default=[], metavar="S,...", help="heads after these stages")
     g.add_argument("--probe-gradients", type=utils.COUNT, default=0, metavar="N",
                    help="train N iterations, write gradient_probe.csv (mean |grad| per layer), "
                         "print where to attach --deep-sup, and stop")
@@ -541,7 +541,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--aux-decay", default="linear", choices=["linear", "none", "step"],
                    help="alpha_t = alpha0 * (1 - t/N) (linear), alpha0 (none), or alpha0 then 0 (step)")
     g.add_argument("--aux-dropout", type=utils.BELOW_ONE, default=0.5, help="dropout of the auxiliary FC layers")
-    g = group("step decay", ("--deep-sup S with --aux-decay step", lambda a: bool(a.deep_sup) and a.aux_decay == "step"))
+    g = group("step decay", ("--deep-sup S with --aux-decay step", lambda a: a.deep_sup and a.aux_decay == "step"))
     g.add_argument("--aux-stop", type=utils.COUNT, help="epoch at which alpha_t drops to 0 (default N/2)")
     g = group("gradient probe", ("--probe-gradients N", lambda a: a.probe_gradients > 0))
     g.add_argument("--probe-threshold", type=utils.POSITIVE, default=1e-7, help="vanishing below (the paper's)")
@@ -583,10 +583,10 @@ def add_method_arguments(p):
     g = group("center loss", ("--loss center", lambda a: a.loss == "center"))
     g.add_argument("--center-update", default="wen", choices=["wen", "autograd"], help="Wen's step or the gradient")
     g = group("hybrid network", ("--loss hybrid-sc, hybrid-psc or hybrid-mpsc", lambda a: a.loss in HYBRID_LOSSES))
-    g.add_argument("--tau", type=utils.POSITIVE, default=0.1, help="temperature of SC / PSC (paper: 0.1; PSC on CIFAR-10: 1)")
+    g.add_argument("--tau", type=utils.POSITIVE, default=0.1, help="SC / PSC temperature (PSC on CIFAR-10: 1)")
     g.add_argument("--alpha-schedule", default="parabolic", choices=["parabolic", "linear", "const"],
                    help="alpha = 1-(t/T)^2 (CIFAR), 1-t/T (iNaturalist) or --alpha")
-    g.add_argument("--projection-dim", type=utils.AT_LEAST_1, default=128, help="width of the contrastive projection z")
+    g.add_argument("--projection-dim", type=utils.AT_LEAST_1, default=128, help="width of the projection z")
     g.add_argument("--positives", type=utils.COUNT, default=0, metavar="M",
                    help="draw the contrastive batch in groups of M images of one class (data.PositivesSampler); "
                         "0: instance sampling")
@@ -679,7 +679,7 @@ def parse_args(argv=None):
         if args.deep_sup or args.probe_gradients:
             parser.error("--loss mksmt does not combine with --deep-sup / --probe-gradients")
     if args.probe_gradients and (args.loss in HYBRID_LOSSES or int(os.environ.get("WORLD_SIZE", 1)) > 1):
-        parser.error("--probe-gradients works with --loss ce / center / joint in one process (no hybrid loss, no torchrun)")
+        parser.error("--probe-gradients works with --loss ce / center / joint, in one process (no torchrun)")
     return args
 
 
