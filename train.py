@@ -389,7 +389,7 @@ def main(args):
 def build(args, rank, world_size, device):
     """Everything a run needs, built in a fixed order (it fixes the RNG draws), and
     checked before anything is written. Returns a dict of the parts."""
-    utils.seed_everything(args.seed + rank, args.deterministic)  # own dropout per process; DDP copies rank 0's init
+    utils.seed_everything((args.seed + rank) % 2 ** 32, args.deterministic)  # own dropout per rank; DDP copies its init
     if args.amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     train_set, test_set, num_classes = utils.build_datasets_from_args(args)

@@ -10,9 +10,9 @@ loop are in train.py.
 """
 import argparse
 import builtins
-import functools
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -122,7 +122,7 @@ def add_data_arguments(parser):
 def add_run_arguments(parser):
     """The flags of the machinery: device, precision, output, checkpoints, distribution."""
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=ranged(int, "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32), default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast mixed precision for training and evaluation (fp16 with GradScaler, CUDA only)")
@@ -130,13 +130,13 @@ def add_run_arguments(parser):
     g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode for the training and evaluation forward")
     g.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
-    g.add_argument("--eval-every", type=ranged(int, ">= 1", lambda v: v >= 1), default=1, help="evaluate every N epochs (and at the end)")
-    g.add_argument("--print-freq", type=ranged(int, ">= 1", lambda v: v >= 1), default=50, help="progress line every N iterations")
+    g.add_argument("--eval-every", type=AT_LEAST_1, default=1, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--print-freq", type=AT_LEAST_1, default=50, help="progress line every N iterations")
     g.add_argument("--resume", help="checkpoint.pth to continue from, exactly where it stopped; "
                    "'auto' = output-dir/checkpoint.pth if it exists")
-    g.add_argument("--save-every", type=ranged(int, ">= 0", lambda v: v >= 0), default=0,
+    g.add_argument("--save-every", type=COUNT, default=0,
                    help="also checkpoint every N iterations (always at the end of each epoch)")
-    g.add_argument("--skip-nonfinite", type=ranged(int, ">= 0", lambda v: v >= 0), default=0,
+    g.add_argument("--skip-nonfinite", type=COUNT, default=0,
                    help="skip up to K batches whose loss is NaN/inf instead of stopping")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms + cuDNN deterministic (slower on GPU)")
