@@ -476,8 +476,8 @@ def train(args, rank=0, world_size=1, device=None):
                 b["sampler"].set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
                 alpha = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha) \
                     if args.loss in HYBRID_LOSSES else None
-                step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device,
-                                 aux_weight(epoch), alpha)
+                weight = aux_weight(epoch)
+                step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, weight, alpha)
                 train_stats = train_one_epoch(b["train_model"], criterion, step, b["train_loader"], optimizer, scheduler,
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))
                 train_stats = utils.reduce_mean(train_stats, world_size, device)
@@ -489,7 +489,7 @@ def train(args, rank=0, world_size=1, device=None):
                     result = results["test"]
                     if rank == 0:
                         utils.log_evaluation(metrics_path, epoch, run.iteration, train_stats, results, {
-                            "aux_weight": aux_weight(epoch), "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
+                            "aux_weight": weight, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
                             "skipped_nonfinite": run.skipped_nonfinite, "seconds": round(run.progress()["seconds"], 1)})
                 run.save()
                 run.stop_if_signalled(f"after epoch {epoch}")  # one process: a signal in its last step or evaluation
