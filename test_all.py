@@ -397,7 +397,7 @@ def test_recipe_defaults_and_explicit_override():
     bare = train.parse_args(["--recipe", "none"])
     assert (bare.recipe, bare.lr, bare.iters, bare.block, bare.epochs) == ("none", 0.1, 0, "post", 200)
     lfw = ["--loss", "joint", "--model", "resnet34", "--dataset", "lfw", "--data-path", "x"]
-    args = train.parse_args(lfw)                            # the command: the paper's LFW protocol
+    args = train.parse_args(lfw)                            # the paper's LFW protocol, as a user types it
     assert (args.recipe, args.recipe_matched, args.lr, args.batch_size, args.epochs, args.image_size) == \
         ("lfw-joint", True, 0.01, 64, 300, 224)
     ce = train.parse_args(lfw[2:] + ["--loss", "ce", "--lr", "0.02"])   # the setup stays yours, flags win

@@ -1,4 +1,4 @@
-"""Issue 13's CPU measurements of the training hot path, before and after the change:
+"""CPU measurements of the training hot path, before and after the change:
 
 1. host reads (Tensor.item / tolist / __bool__ / __float__ / __int__ / __index__: on
    a GPU each one waits for the device) per training iteration, for CE, joint,

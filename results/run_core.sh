@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3 measured results: CE vs joint (CE + contrastive-center, Eq. 8), 3 seeds each,
+# Measured results: CE vs joint (CE + contrastive-center, Eq. 8), 3 seeds each,
 # on the real data in ../shared/data, reduced budgets for a 2-core CPU (see results/README.md).
 # Usage (from the repository root): bash results/run_core.sh cifar|lfw [seeds...]
 # The two queues were run side by side, one torch thread each (OMP_NUM_THREADS=1).

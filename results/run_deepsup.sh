@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6: with vs without deep supervision (one aux head after stage 1), 3 seeds each,
+# With vs without deep supervision (one aux head after stage 1), 3 seeds each,
 # on the CIFAR-10 subset. One fixed, very small budget: 2 epochs, lr 0.01 constant
 # (plain56 diverged at lr 0.1 with Kaiming init and did not move with Xavier init),
 # batch 128. plain56 uses Kaiming init here so that it can learn at all in 2 epochs.

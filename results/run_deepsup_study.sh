@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 16 (seed 004 study): where does deep supervision help? Plain nets (no BN, no
+# Seed 004 study: where does deep supervision help? Plain nets (no BN, no
 # shortcuts) and ResNet-56 as the control, on the CIFAR-10 subset (10,000 train /
-# 10,000 test). README section "Seed 004 study".
+# 10,000 test). results/README.md section "Seed 004 study".
 # MODEL: plainD (Xavier init, models.py's default: the vanishing-gradient setting the seed
 # is about), plainD-kaiming (He init, fan_in), or resnet56.
 #

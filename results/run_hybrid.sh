@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4: CE vs Hybrid-SC vs Hybrid-PSC on the CIFAR-10 subset made long-tailed
+# CE vs Hybrid-SC vs Hybrid-PSC on the CIFAR-10 subset made long-tailed
 # (n_max = 1000 per class; beta = 100 -> 2,478 images, beta = 10 -> 4,084), 3 seeds each.
 # One fixed, small budget for every method: ResNet-32, 6 epochs, batch 128 per stream,
 # lr 0.125 (the paper's 0.5 at batch 512, scaled linearly), no milestones, wd 1e-4,

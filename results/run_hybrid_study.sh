@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17 (seed 003 study): hybrid network vs CE on the CIFAR-10 subset made long-tailed,
-# at an informative CPU budget. README section "Seed 003 study" (once the runs are in).
+# Seed 003 study: hybrid network vs CE on the CIFAR-10 subset made long-tailed,
+# at an informative CPU budget. results/README.md section "Seed 003 study".
 #
 #   bash results/run_hybrid_study.sh METHOD BETA SEED...
 #   # METHOD: ce, ce-balanced, sc, psc; ce-3x, ce-balanced-3x (compute-matched, see below)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15 (seed 000 study): does joint supervision (CE + lambda * contrastive-center,
-# Eq. 8) beat softmax CE on LFW top-20? CPU scale; README section "Seed 000 study".
+# Seed 000 study: does joint supervision (CE + lambda * contrastive-center,
+# Eq. 8) beat softmax CE on LFW top-20? CPU scale; results/README.md section "Seed 000 study".
 #
 #   bash results/run_lfw_study.sh sweep  joint|center LAMBDA...   # lambda on a validation split, seed 0
 #   bash results/run_lfw_study.sh select joint|center LAMBDA...   # prints the lambda with the best val top-1

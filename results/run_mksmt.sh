@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5: MKSMT ablation, scaled down, on the CIFAR-10 subset (10,000 train / 10,000 test).
+# MKSMT ablation, scaled down, on the CIFAR-10 subset (10,000 train / 10,000 test).
 # ResNet-32 (post-activation, option A); MKSMT heads (OPM, width 64) on the last two
 # groups (stages 1 and 2, the analogues of S3 and S4). One fixed budget for every
 # config: 1 epoch (78 batches of 128), SGD lr 0.1 constant, momentum 0.9, wd 1e-4.

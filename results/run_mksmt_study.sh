@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17 (seed 002 study): MKSMT against an update-matched baseline on the CIFAR-10 subset
-# (10,000 train / 10,000 test). README section "Seed 002 study".
+# Seed 002 study: MKSMT against an update-matched baseline on the CIFAR-10 subset
+# (10,000 train / 10,000 test). results/README.md section "Seed 002 study".
 #
 #   bash results/run_mksmt_study.sh CONFIG SEED...    # CONFIG: plain plain2x nokd t1 t4 onestep
 #

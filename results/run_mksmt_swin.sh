@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5: the Swin path end to end: swin_t (random init, no weights can be fetched here)
+# The Swin path end to end: swin_t (random init, no weights can be fetched here)
 # with two-step MKSMT on S3 and S4 (heads on stages 2 and 3, OPM width 512), 32 px
 # CIFAR-10-subset images, 10 iterations of batch 16, then evaluate.py with every head,
 # the vertical flip, the complexity count and Grad-CAM overlays of 4 test images.

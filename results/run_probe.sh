@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6: gradient probe of plain56 (no BN, no shortcuts, Xavier init) at initialisation,
+# Gradient probe of plain56 (no BN, no shortcuts, Xavier init) at initialisation,
 # 10 iterations, without and with the auxiliary head the probe suggests (after stage 1).
 # --loader torch: these runs predate the tensor loader (now the default for npz); the flag
 # keeps the DataLoader + PIL path they used, so the commands reproduce them.

@@ -10,20 +10,20 @@
 2. Gradient probes (results/probe-*/gradient_probe.csv): per stage, how many conv /
    linear layers have a mean |grad| (averaged over the probe's iterations) below
    1e-7, and the median of those means.
-3. The seed-000 LFW study (results/lfw-study/, issue 15): the lambda sweeps on the
+3. The seed-000 LFW study (results/lfw-study/): the lambda sweeps on the
    validation split, then CE / joint / center on the full training set (test set,
    last epoch), and the difference of means with its standard error; with
    matplotlib, the plots lfw_study_lambda.png and lfw_study_curves.png.
-4. The seed-004 deep-supervision study (results/deepsup-study/, issue 16): the lr
+4. The seed-004 deep-supervision study (results/deepsup-study/): the lr
    sweeps on the validation split, the gradient probes per stage, and the finals
    with / without the auxiliary head (test top-1, last epoch; epochs until the
    running train top-1 first reaches 25% and 50%); with matplotlib, deepsup_study_curves.png.
-5. The seed-003 hybrid study (results/hybrid-study/, issue 17): CE, CE with the
+5. The seed-003 hybrid study (results/hybrid-study/): CE, CE with the
    class-balanced sampler, Hybrid-SC and Hybrid-PSC on the long-tailed CIFAR-10 subset
    at beta 100 and 10 (test, last epoch, 3 seeds): top-1 and many / medium / few at the
    scaled thresholds (metrics.jsonl) and at the paper's (evaluate.py's JSON), with the
    paper's CIFAR-10-LT numbers beside them.
-6. The seed-002 MKSMT study (results/mksmt-study/, issue 17): plain, plain with twice
+6. The seed-002 MKSMT study (results/mksmt-study/): plain, plain with twice
    the epochs (update-matched), two-step without KD, with KD T = 1 and T = 4, one-step
    (test, last epoch, 3 seeds): final-head and S3-head top-1, vertical-flip top-1.
 """
@@ -136,7 +136,7 @@ LFW = os.path.join(HERE, "lfw-study")
 
 
 def lfw_study_table():
-    """Sweep (validation split, seed 0) and final (test, 3 seeds) tables of issue 15."""
+    """Sweep (validation split, seed 0) and final (test, 3 seeds) tables of the seed 000 study."""
     sweeps = {}
     for path in sorted(glob.glob(os.path.join(LFW, "sweep-*-lam*", "metrics.jsonl"))):
         loss, lam = re.match(r"sweep-(\w+)-lam([0-9.e-]+)$", os.path.basename(os.path.dirname(path))).groups()
@@ -268,7 +268,7 @@ def head_order(name):
 
 
 def deepsup_study_table():
-    """Issue 16: lr sweep (validation split), gradient probes, and the finals (test,
+    """The seed 004 study: lr sweep (validation split), gradient probes, and the finals (test,
     3 seeds) with / without the auxiliary head; plot of the train curves."""
     sweeps = {}
     for path in sorted(glob.glob(os.path.join(DEEPSUP, "sweep-*-lr*", "metrics.jsonl"))):
@@ -415,7 +415,7 @@ def cell(values):
 
 
 def hybrid_study_table():
-    """Issue 17, seed 003: one table per imbalance ratio; the groups at the scaled
+    """The seed 003 study: one table per imbalance ratio; the groups at the scaled
     thresholds come from the run's own last evaluation (bf16 autocast, as trained),
     the groups at the paper's thresholds from evaluate.py (fp32) on the last checkpoint."""
     runs = finished_runs(HYBRID, "lt*-seed*")
@@ -492,7 +492,7 @@ MKSMT_PAPER = {"plain": "91.9 (v-flip about -11)", "nokd": "92.1 (S3 90.9)", "t1
 
 
 def mksmt_study_table():
-    """Issue 17, seed 002: final-head (S4) and S3-head top-1 on test (last epoch),
+    """The seed 002 study: final-head (S4) and S3-head top-1 on test (last epoch),
     optimizer updates per run, and the vertical-flip top-1 (evaluate.py --flip v, fp32)
     with its drop from the run's own last evaluation (bf16)."""
     runs = finished_runs(MKSMT, "*-seed*")

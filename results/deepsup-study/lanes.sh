@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The order the issue-16 runs were launched in (two queues side by side, one torch thread
+# The order the seed 004 study runs were launched in (two queues side by side, one torch thread
 # each; laneA*.out / laneB*.out hold their output and the commit). Stages 1-3 were each
 # started when the earlier one's results were in: the Xavier sweep (1) left every depth at
 # chance, so the Kaiming sweep (2) was added; its best lr for plain20/32/44 sat at the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17 launch record: both studies (seed 003 hybrid, seed 002 MKSMT) ran from one job
+# Launch record: both studies (seed 003 hybrid, seed 002 MKSMT) ran from one job
 # queue, popped in this order by two lanes (one torch thread each) on the 2-core CPU machine,
 # from a worktree pinned at the commit each log's first line names.
 #   bash results/hybrid-study/lanes.sh          # starts both lanes in the background
