@@ -48,6 +48,7 @@ from PIL import Image
 from torchvision.datasets.folder import default_loader
 
 DATASETS = ("cifar10", "cifar100", "npz", "imagefolder", "lfw", "cub", "inat", "nabirds", "dogs")
+SMALL_DATASETS = ("cifar10", "cifar100", "npz")  # 32-px images: the CIFAR stem and augmentation
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -764,7 +765,7 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    small = name in ("cifar10", "cifar100", "npz")
+    small = name in SMALL_DATASETS
     image_size = image_size or (32 if small else 224)
     normalize = normalize or DEFAULT_NORMALIZE[name]
     if imbalance_ratio is not None and not small:
@@ -1084,12 +1085,13 @@ class TensorLoader:
 
     Yields (images, labels): images (B, 3, H, W) float32 when ``views == 1``, else
     (B, views, 3, H, W); labels (B,) int64; both on ``device``. ``len()`` is the
-    number of batches left in the sampler's epoch.
+    number of batches left in the sampler's epoch. ``tensors``: ``dataset_uint8(dataset)``
+    already made (and placed), to share one copy between loaders of the same set.
     """
 
     def __init__(self, dataset, batch_size, device, mean, std, sampler, seed=0, drop_last=True,
-                 views=1, contrastive=False, padding=4, grayscale=0.0, num_replicas=1, rank=0):
-        images, labels = dataset_uint8(dataset)
+                 views=1, contrastive=False, padding=4, grayscale=0.0, num_replicas=1, rank=0, tensors=None):
+        images, labels = tensors if tensors is not None else dataset_uint8(dataset)
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)   # (N, 3, H, W) uint8, (N,)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)  # (1, 3, 1, 1)

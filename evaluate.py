@@ -24,8 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from train import build_model_from_args, evaluate, get_args_parser as train_args_parser
-from utils import OneLineErrorParser, build_datasets_from_args, load_checkpoint, load_state_checked, \
-    make_test_loader, one_line, resolve_device, split_off_validation, stage_list, strict_json
+from utils import AT_LEAST_1, COUNT, SMALL_DATASETS, OneLineErrorParser, build_datasets_from_args, \
+    load_checkpoint, load_state_checked, make_test_loader, resolve_device, run_with_one_line_errors, \
+    split_off_validation, stage_list, strict_json
 
 
 def _pyplot():
@@ -208,10 +209,12 @@ def write_gradcams(model, test_set, count, folder, normalize, device, stages=Non
     pixels = ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)   # (N, 3, H, W)
     with torch.no_grad():
         num_stages = len(model.eval()(images[:1])["stages"])
-    paths = []
-    for stage in stages if stages is not None else range(num_stages):
+    stages = stages if stages is not None else range(num_stages)
+    for stage in stages:  # all checked before the first PNG is written
         if not 0 <= stage < num_stages:
             raise data.DataError(f"--gradcam-stages {stage}: this model has stages 0..{num_stages - 1}")
+    paths = []
+    for stage in stages:
         cams, _ = gradcam(model, images, stage)
         paths += save_overlays(pixels, cams, os.path.join(folder, f"stage{stage}"))
     return paths
@@ -226,6 +229,8 @@ def main(args):
             return 0
     if not args.checkpoint:
         raise data.DataError("pass --checkpoint runs/<name>/checkpoint.pth (or --probe CSV)")
+    if args.gradcam_stages and not args.gradcam:
+        raise data.DataError("--gradcam-stages needs --gradcam N (how many test images)")
     ckpt = load_checkpoint(args.checkpoint)
     if args.plot:
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")
@@ -251,8 +256,6 @@ def main(args):
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
     model.to(device)
-    if args.gradcam_stages and not args.gradcam:
-        raise data.DataError("--gradcam-stages needs --gradcam N (how many test images)")
     if args.gradcam:
         paths = write_gradcams(model, test_set, args.gradcam, args.gradcam_dir, train_args.normalize
                                or data.DEFAULT_NORMALIZE[train_args.dataset], device, args.gradcam_stages)
@@ -261,7 +264,7 @@ def main(args):
                       train_args.many_threshold, train_args.few_threshold, flip=args.flip)
     result["flip"] = args.flip
     if args.complexity:
-        small = train_args.dataset in ("cifar10", "cifar100", "npz")
+        small = train_args.dataset in SMALL_DATASETS
         result["complexity"] = report_complexity(train_args, num_classes,
                                                  train_args.image_size or (32 if small else 224))
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
@@ -300,8 +303,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--probe", help="gradient_probe.csv of train.py --probe-gradients: plot it")
     p.add_argument("--data-path", help="where the test data lives now (default: as in training)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=256)
+    p.add_argument("--workers", type=COUNT, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", action="store_true", help="draw metrics.jsonl curves to PNG (matplotlib)")
     p.add_argument("--many-threshold", type=float,
@@ -311,17 +314,14 @@ def get_args_parser(add_help=True):
     p.add_argument("--flip", choices=["h", "v"], help="evaluate on horizontally / vertically flipped test images")
     p.add_argument("--complexity", action="store_true",
                    help="parameters and FLOPs of the backbone alone vs the trained model (with its heads)")
-    p.add_argument("--gradcam", type=int, default=0, metavar="N",
+    p.add_argument("--gradcam", type=COUNT, default=0, metavar="N",
                    help="write Grad-CAM overlays of N test images for every stage (any checkpoint)")
     p.add_argument("--gradcam-stages", type=stage_list, metavar="S[,S...]",
                    help="stages for --gradcam (default: all; e.g. 1,2,3 for Swin's S2, S3, S4)")
     p.add_argument("--gradcam-dir", default="gradcam", help="folder for the --gradcam PNGs")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except data.DataError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_with_one_line_errors(main, get_args_parser().parse_args()))

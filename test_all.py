@@ -5,7 +5,6 @@ Loss tests compare against per-sample Python loops written from the paper's
 equation (floats and ``math``, not tensors), in float64.
 """
 import argparse
-import concurrent.futures
 import copy
 import contextlib
 import io
@@ -567,6 +566,21 @@ def test_train_and_evaluate_end_to_end():
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[-1]["iteration"] == 9
+        # resumed into another folder: that folder's metrics are trimmed and continued, the source's left alone
+        other = os.path.join(d, "other")
+        os.makedirs(other)
+        with open(os.path.join(other, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"epoch": 2, "iteration": 9, "mine": 1}) + "\n"
+                    + json.dumps({"epoch": 3, "iteration": 12, "stale": 1}) + "\n")
+        r = _cli(common[1:] + ["--epochs", "4", "--resume", os.path.join(out, "checkpoint.pth"), "--output-dir", other])
+        assert r.returncode == 0, r.stderr
+        assert [json.loads(line)["iteration"] for line in open(os.path.join(out, "metrics.jsonl"))] == [3, 6, 9]
+        rows = [json.loads(line) for line in open(os.path.join(other, "metrics.jsonl"))]
+        assert [(row["iteration"], "stale" in row) for row in rows] == [(9, False), (12, False)] and "mine" in rows[0]
+        # another global batch (iterations count global batches): one line, nothing run
+        r = _cli(common[1:] + ["--epochs", "4", "--batch-size", "8", "--resume", os.path.join(out, "checkpoint.pth")])
+        assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "1 process(es) x 16" in r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr
 
 
 def test_val_split_is_stratified_disjoint_unaugmented_and_logged():
@@ -672,6 +686,12 @@ def test_training_steps_never_read_the_device():
                 # so none per step (the sampler's host-side shuffle adds the same once an epoch to both)
                 assert counts[(8, 2)] - counts[(4, 4)] == 3, (extra, counts)
                 assert counts[(4, 4)] <= 2 + 2, (extra, counts)
+                ce_reads = counts[(8, 2)] if not extra else ce_reads
+            key = "checkpoints on the progress lines"  # --save-every reads the meter, but once per iteration
+            assert train.main(train.parse_args([
+                "--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size", "8", "--iters", "8",
+                "--print-freq", "2", "--save-every", "2", "--device", "cpu", "--output-dir", os.path.join(d, "r")])) == 0
+            assert counts[key] == ce_reads, (counts, ce_reads)
         finally:
             train.train_one_epoch = original
 
@@ -1763,6 +1783,8 @@ def test_positives_sampler_resumes_and_shards_into_the_global_batch():
             sampler.set_epoch(0)
             batches = [labels.tolist() for (_, labels), _ in loader]
             assert all(all(b.count(c) >= 2 for c in b) for b in batches) == grouped, (m, batches)
+            contrastive, balanced = loader.loaders                  # two streams, one copy of the images
+            assert contrastive.images.data_ptr() == balanced.images.data_ptr()
 
 
 @contextlib.contextmanager
@@ -2131,6 +2153,16 @@ def test_mksmt_train_and_evaluate_extras_end_to_end():
         r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"),
                             "--gradcam-stages", "1"], cwd=HERE, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.strip() == "error: --gradcam-stages needs --gradcam N (how many test images)"
+        bad_stage = evaluate.get_args_parser().parse_args(["--checkpoint", os.path.join(out, "checkpoint.pth"),
+                                                          "--gradcam", "1", "--gradcam-stages", "0,9", "--gradcam-dir",
+                                                          os.path.join(d, "none"), "--workers", "0"])
+        assert_data_error(lambda: evaluate.main(bad_stage), "--gradcam-stages 9: this model has stages 0..2")
+        assert not os.path.exists(os.path.join(d, "none")) or not os.listdir(os.path.join(d, "none"))  # nothing written
+        for flag, value in (("--batch-size", "0"), ("--gradcam", "-1"), ("--workers", "-1")):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+                evaluate.get_args_parser().parse_args([flag, value])
+            assert err.getvalue().startswith(f"error: {flag} must be") and err.getvalue().count("\n") == 1, err.getvalue()
         backbone = models.count_parameters(models.build_model("resnet20", 4))
         assert result["complexity"]["backbone"]["params"] == backbone
         assert sorted(os.listdir(os.path.join(d, "cams"))) == [f"stage{s}_{i:03d}.png" for s in (0, 1, 2) for i in (0, 1)]
@@ -2399,9 +2431,10 @@ npz, out, runs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 common = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--recipe", "none", "--workers", "0",
           "--lr", "0.05", "--milestones", "--print-freq", "1", "--device", "cpu"]
 
+hold_bn = [True]
 def bn_held_in_eval_mode(self, mode=True):  # the OPM and auxiliary heads' BatchNorm: per-process batch
     torch.nn.Module.train(self, mode)         # statistics are DDP's documented behaviour, so hold BN fixed
-    self.training = False
+    self.training = self.training and not hold_bn[0]
     return self
 torch.nn.modules.batchnorm._BatchNorm.train = bn_held_in_eval_mode
 
@@ -2437,6 +2470,10 @@ def worker(rank, world, port):
         codes["stopped"] = main(sigterm + ["--output-dir", os.path.join(out, "cut")])
         utils.Run.end_step = end_step
         codes["resumed"] = main(sigterm + ["--output-dir", os.path.join(out, "cut"), "--resume", "auto"])
+        # BatchNorm training: each process ends with its own running statistics; the logged evaluation
+        # must be the checkpoint's (rank 0's)
+        hold_bn[0] = False
+        codes["bn"] = main(["--iters", "3", "--batch-size", batch, "--output-dir", os.path.join(out, "bn")])
     json.dump(codes, open(os.path.join(out, f"codes{rank}.json"), "w"))
     if world > 1:  # gloo aborts at exit ("terminate called without an active exception") if the group lives on
         dist.destroy_process_group()
@@ -2488,6 +2525,26 @@ def test_distributed_training_equals_one_process_on_the_global_batch():
         assert "stopped by signal 15 at iteration 2" in outputs[1][1] and cut["iteration"] == 6
         for part in ("model", "criterion", "optimizer"):
             assert all(torch.equal(a, b) for a, b in zip(_tensors(whole[part]), _tensors(cut[part]))), part
+        # BN trained per process: the logged test loss is the saved model's (evaluated here in one process)
+        assert codes[0]["bn"] == codes[1]["bn"] == 0
+        bn = os.path.join(d, "2", "bn")
+        logged = json.loads(open(os.path.join(bn, "metrics.jsonl")).readline())
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert evaluate.main(evaluate.get_args_parser().parse_args(
+                ["--checkpoint", os.path.join(bn, "checkpoint.pth"), "--json", "--workers", "0", "--device", "cpu"])) == 0
+        result = json.loads(printed.getvalue().splitlines()[-1])
+        assert math.isclose(result["loss"], logged["test_loss"], rel_tol=1e-6), (result["loss"], logged["test_loss"])
+        # the same global batch over one process continues (not bit-exact: rank 1's RNG is gone); another is refused
+        resume = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--recipe", "none", "--workers", "0",
+                  "--lr", "0.05", "--milestones", "--device", "cpu", "--loss", "hybrid-sc", "--iters", "7",
+                  "--resume", os.path.join(d, "2", "whole", "checkpoint.pth"), "--output-dir", os.path.join(d, "one")]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert train.main(train.parse_args(resume + ["--batch-size", "8"])) == 0
+        assert "written by 2 process(es), this run has 1" in printed.getvalue()
+        assert torch.load(os.path.join(d, "one", "checkpoint.pth"), weights_only=True)["iteration"] == 7
+        assert_data_error(lambda: train.main(train.parse_args(resume + ["--batch-size", "4"])), "2 process(es) x 4")
 
 
 def _tensors(state):

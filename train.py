@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -179,10 +178,9 @@ def ce_step(batch, model, optimizer, place, amp, scaler=None, aux_weight=0.0):
     images, labels = place(batch[0]), place(batch[1])
     with amp():
         out = model(images)                                               # logits (B, K)
-    # the losses run in fp32, outside autocast
-    logits = out["logits"].float()
-    loss = F.cross_entropy(logits, labels)
-    loss, parts = add_deep_supervision(loss, {"ce": loss.detach()}, utils.to_float32(out), labels, aux_weight)
+    out32 = utils.to_float32(out)                                         # the losses run in fp32
+    loss = F.cross_entropy(out32["logits"], labels)
+    loss, parts = add_deep_supervision(loss, {"ce": loss.detach()}, out32, labels, aux_weight)
     applied = utils.backward_and_step(optimizer, loss, scaler)
     return loss, {**parts, "top1": top1(out["logits"], labels)}, applied
 
@@ -260,18 +258,18 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
                 ce = F.cross_entropy(model(images, upto=stage)["logits"], labels)   # Eq. (3)
             parts[f"ce_s{stage}"] = ce.detach()
             applied = applied & utils.backward_and_step(optimizer, ce, scaler)
+    split_kd = multistep > 1 and kd_exec == "async" and kd != "none"   # KD gets its own forward pass below
     with amp():
         out = model(images)                               # head_logits [(B, K) per head], logits = deepest
         ce_last = F.cross_entropy(out["logits"], labels)
-        kd_term = distillation(out, kd, **kd_settings) if kd != "none" else ce_last.new_zeros(())
+        kd_term = distillation(out, kd, **kd_settings) if kd != "none" and not split_kd else ce_last.new_zeros(())
     parts[f"ce_s{heads[-1]}"], parts["kd"] = ce_last.detach(), kd_term.detach()
     if multistep == 1:
         with amp():
-            shallow = sum(F.cross_entropy(z, labels) for z in out["head_logits"][:-1])
-        for stage, z in zip(heads[:-1], out["head_logits"][:-1]):
-            parts[f"ce_s{stage}"] = F.cross_entropy(z.detach().float(), labels)
-        loss = shallow + lambda1 * ce_last + lambda2 * kd_term
-    elif kd_exec == "async" and kd != "none":
+            shallow = [F.cross_entropy(z, labels) for z in out["head_logits"][:-1]]   # autocast: in fp32
+        parts.update({f"ce_s{stage}": ce.detach() for stage, ce in zip(heads[:-1], shallow)})
+        loss = sum(shallow) + lambda1 * ce_last + lambda2 * kd_term
+    elif split_kd:
         applied = applied & utils.backward_and_step(optimizer, lambda1 * ce_last, scaler)
         with amp():
             kd_term = distillation(model(images), kd, **kd_settings)
@@ -309,7 +307,7 @@ def train_one_epoch(model, criterion, step, loader, optimizer, scheduler, run, e
     model.train()
     if criterion is not None:
         criterion.train()
-    position, meter = run.start_epoch(epoch)
+    meter = run.start_epoch(epoch)
     for batch in loader:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
@@ -354,7 +352,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
                                *[(z.float().argmax(1) == labels).double().sum() for z in heads]])
         class_total.index_add_(0, labels, torch.ones_like(hit1))
         class_correct.index_add_(0, labels, hit1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # sum over the shards
+    if utils.world_size() > 1:  # sum over the shards
         for tensor in (counts, class_correct, class_total):
             torch.distributed.all_reduce(tensor)  # NCCL needs them on the GPU
     flat = torch.cat([counts, class_correct, class_total]).tolist()     # the one device-to-host copy
@@ -440,9 +438,8 @@ def build(args, rank, world_size, device):
                 train_counts=torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist())
 
 
-def train(args, rank=0, world_size=1, device=None):
+def train(args, rank, world_size, device):
     """Build, resume, then for each epoch: train, evaluate, log, checkpoint."""
-    device = device or utils.resolve_device(args.device)
     args.output_dir = args.output_dir or utils.default_output_dir(args)
     b = build(args, rank, world_size, device)
     model, criterion, optimizer, scheduler, scaler = map(b.get, "model criterion optimizer scheduler scaler".split())
@@ -482,6 +479,7 @@ def train(args, rank=0, world_size=1, device=None):
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))
                 train_stats = utils.reduce_mean(train_stats, world_size, device)
                 if (epoch + 1) % args.eval_every == 0 or run.iteration >= total_iters:
+                    utils.broadcast_buffers(model)  # evaluate the BN statistics the checkpoint holds (rank 0's)
                     results = {name: evaluate(b["eval_model"], loader, device, b["num_classes"], b["train_counts"],
                                               args.many_threshold, args.few_threshold, amp=args.amp,
                                               channels_last=args.channels_last)

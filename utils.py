@@ -53,7 +53,7 @@ def ranged(kind, words, test):
             raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
         return value
     parse.__name__ = f"{getattr(kind, '__name__', 'value')} {words}"
-    parse.words = words
+    parse.words = words  # read by the generated flag test (test_all.py)
     return parse
 
 
@@ -76,8 +76,8 @@ GAMMA = ranged(float, "in (0, 1]", lambda v: 0 < v <= 1)
 SEED = ranged(int, "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32)
 IMAGE_SIDE = ranged(int, ">= 16", lambda v: v >= 16)
 STEP = ranged(int, "numbers >= 0 in increasing order", lambda v: v >= 0)
-SMALL_DATASETS = ("cifar10", "cifar100", "npz")
-FILE_DATASETS = ("imagefolder", "lfw", "cub", "inat", "nabirds", "dogs")
+SMALL_DATASETS = data.SMALL_DATASETS
+FILE_DATASETS = tuple(name for name in data.DATASETS if name not in SMALL_DATASETS)
 
 
 def add_data_arguments(parser):
@@ -263,15 +263,17 @@ def autocast(amp, device_type):
     return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
 
 
-def to_float32(out):
-    """``out`` (a model's dict of tensors and lists of tensors) with every
-    floating tensor in fp32: what autocast left in bf16 / fp16 is cast up, so
-    the loss that follows is computed in fp32."""
-    if isinstance(out, dict):
-        return {k: to_float32(v) for k, v in out.items()}
-    if isinstance(out, (list, tuple)):
-        return type(out)(to_float32(v) for v in out)
-    return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+LOSS_INPUTS = ("logits", "embedding", "projection", "aux_logits")
+
+
+def to_float32(out, keys=LOSS_INPUTS):
+    """The entries ``keys`` of a model's output dict (tensors or lists of tensors) in
+    fp32: what autocast left in bf16 / fp16 is cast up, so the loss that follows is
+    computed in fp32. Only what a loss reads: an fp32 copy of every stage's feature
+    map would live until the backward pass ends."""
+    def up(value):
+        return [up(v) for v in value] if isinstance(value, (list, tuple)) else value.float()
+    return {k: up(out[k]) for k in keys if k in out}
 
 
 def to_device(tensor, device, channels_last=False):
@@ -471,14 +473,12 @@ class Run:
                 signal.signal(sig, handler)
 
     def start_epoch(self, epoch):
-        """-> (position in the epoch, > 0 only when resumed mid-epoch; a fresh StepMeter)."""
-        position = self.iteration - epoch * self.iters_per_epoch
-        if position == 0:
+        """-> a fresh StepMeter (holding the epoch's sums so far when resumed mid-epoch)."""
+        if self.iteration == epoch * self.iters_per_epoch:
             self.epoch_sums, self.epoch_count = {}, 0
         self.epoch, self.epoch_end = epoch, min((epoch + 1) * self.iters_per_epoch, self.total_iters)
         self.window_start, self.window_images, self.means, self.read_at = time.time(), 0, None, None
-        return position, StepMeter(self.device, self.iteration, self.epoch_sums, self.epoch_count,
-                                   self.skipped_nonfinite)
+        return StepMeter(self.device, self.iteration, self.epoch_sums, self.epoch_count, self.skipped_nonfinite)
 
     def end_step(self, meter, lr):
         """After a step: count it, print / check / save when due. True when the epoch ended."""
@@ -486,7 +486,7 @@ class Run:
         self.window_images += self.images_per_step
         due = self.iteration % self.print_freq == 0 or self.iteration == self.total_iters
         if due:
-            self.means, self.read_at = self.check(meter), self.iteration
+            self.read(meter)
             now = time.time()
             eta = (now - self.process_start) / (self.iteration - self.start_iteration) * (self.total_iters - self.iteration)
             print(f"epoch {self.epoch} iter {self.iteration}/{self.total_iters} "
@@ -497,17 +497,24 @@ class Run:
         if self.iteration == self.epoch_end:
             return True  # the caller evaluates, saves, and honours a pending signal
         if self.stopping():
-            self.check(meter)
+            self.read(meter)
             self.save()
             self.stop_if_signalled(f"at iteration {self.iteration}")
         if self.save_every and self.iteration % self.save_every == 0:
-            self.check(meter)
+            self.read(meter)
             self.save()
         return False
 
     def end_epoch(self, meter):
-        """The epoch's mean loss terms (one more read of the meter unless the last window just ended)."""
-        return self.means if self.read_at == self.iteration else self.check(meter)
+        """The epoch's mean loss terms."""
+        return self.read(meter)
+
+    def read(self, meter):
+        """``check`` once per iteration (a progress line, a checkpoint and the epoch's end
+        may fall on the same one). Returns the epoch's mean loss terms so far."""
+        if self.read_at != self.iteration:
+            self.means, self.read_at = self.check(meter), self.iteration
+        return self.means
 
     def check(self, meter):
         """Read ``meter`` (one device sync). Non-finite steps since the last check: stop
@@ -609,7 +616,7 @@ def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, arg
             "criterion": criterion.state_dict() if criterion is not None else {},
             "scheduler": scheduler.state_dict(), "epoch": run.iteration // run.iters_per_epoch,
             "iteration": run.iteration, "progress": run.progress(), "rng": rng,
-            "num_classes": num_classes, "args": vars(args),
+            "world_size": run.world_size, "num_classes": num_classes, "args": vars(args),
             **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
 
@@ -642,8 +649,8 @@ def load_state_checked(module, state, path, what):
 
 
 def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
-    """--resume PATH / auto: load model, loss parameters, optimizer, scheduler, scaler
-    and RNG states, and trim metrics.jsonl to the checkpoint. Returns (path, the
+    """--resume PATH / auto: load model, loss parameters, optimizer, scheduler and scaler,
+    check the global batch, and trim --output-dir's metrics.jsonl to the checkpoint. Returns (path, the
     run's progress) or (None, None) for a fresh run (whose old metrics are removed)."""
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -678,6 +685,15 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
                              f"(a different --loss?): {e}") from None
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
+    # iterations count global batches: another global batch would shift epochs, milestones and the data order
+    saved_world = ckpt.get("world_size", len(ckpt.get("rng_per_rank", [])) or None)  # None: an older format
+    saved_batch = ckpt["args"].get("batch_size")
+    if saved_world and saved_batch and saved_world * saved_batch != world_size() * args.batch_size:
+        raise data.DataError(f"checkpoint {path} was trained at a global batch of {saved_world} process(es) x "
+                             f"{saved_batch}; this run's is {world_size()} x {args.batch_size}: resume it with "
+                             f"the same product")
+    if rank == 0:
+        keep_metrics_up_to(metrics_path, ckpt["iteration"])  # this run's metrics, wherever the checkpoint lies
     return path, ckpt
 
 
@@ -686,16 +702,16 @@ def restore_progress(path, ckpt, rank=0, device=None):
     per_rank = ckpt.get("rng_per_rank", [])
     if len(per_rank) == world_size() > 1:
         set_rng_states(per_rank[rank], device)
-    elif "rng" in ckpt and (world_size() == 1 or rank == 0):
-        set_rng_states(ckpt["rng"], device)
-        if world_size() > 1:
-            print(f"{path} holds one process's RNG state (another number of processes): rank 0 restores it, the "
-                  f"others keep their own seed; the resumed run is not bit-exact", flush=True)
-    else:
+    elif "rng" not in ckpt:
         print(f"{path} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
+    elif len(per_rank) > 1 or world_size() > 1:  # the same global batch over another number of processes
+        if rank == 0:
+            set_rng_states(ckpt["rng"], device)
+        print(f"{path} was written by {max(len(per_rank), 1)} process(es), this run has {world_size()}: rank 0 "
+              f"restores rank 0's RNG state, the others keep their seed; the resumed run is not bit-exact", flush=True)
+    else:
+        set_rng_states(ckpt["rng"], device)
     progress = ckpt.get("progress", {"iteration": ckpt["iteration"]})
-    if rank == 0:
-        keep_metrics_up_to(os.path.join(os.path.dirname(path), "metrics.jsonl"), progress["iteration"])
     print(f"resumed from {path} at iteration {progress['iteration']}", flush=True)
     return progress
 
@@ -818,9 +834,12 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams
         sampler = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
     tensor = use_tensor_loader(args, train_set)
     if tensor:
+        shared = [t.to(device) for t in data.dataset_uint8(train_set)]  # one copy of the set for both streams
+
         def tensor_loader(sampler, **augment):
             return data.TensorLoader(train_set, args.batch_size, device, *data.NORMALIZATIONS[args.normalize],
-                                     sampler, args.seed, num_replicas=world_size, rank=rank, **augment)
+                                     sampler, args.seed, num_replicas=world_size, rank=rank, tensors=shared,
+                                     **augment)
     if not two_streams:
         if tensor:
             return tensor_loader(sampler), sampler
@@ -835,7 +854,7 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams
     if tensor:
         streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
         return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
-    small = args.dataset in ("cifar10", "cifar100", "npz")
+    small = args.dataset in SMALL_DATASETS
     ce_transform, two_views = data.hybrid_transforms(args.normalize, args.image_size, small)
     streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
                _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
@@ -951,6 +970,15 @@ def gather(tensor):
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def broadcast_buffers(model):
+    """Rank 0's buffers (BatchNorm running statistics) to every process. DDP sends them
+    at the start of each training forward, so after the last step each process holds
+    its own; the evaluation then matches the checkpoint, which holds rank 0's."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def reduce_mean(stats, world_size, device):
