@@ -229,8 +229,8 @@ def main(args):
             return 0
     if not args.checkpoint:
         raise data.DataError("pass --checkpoint runs/<name>/checkpoint.pth (or --probe CSV)")
-    if args.gradcam_stages and not args.gradcam:
-        raise data.DataError("--gradcam-stages needs --gradcam N (how many test images)")
+    if args.gradcam_stages is not None and not (args.gradcam and args.gradcam_stages):
+        raise data.DataError("--gradcam-stages needs --gradcam N (how many test images) and at least one stage")
     ckpt = load_checkpoint(args.checkpoint)
     if args.plot:
         metrics = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "metrics.jsonl")

@@ -579,7 +579,19 @@ def test_train_and_evaluate_end_to_end():
         assert [(row["iteration"], "stale" in row) for row in rows] == [(9, False), (12, False)] and "mine" in rows[0]
         # another global batch (iterations count global batches): one line, nothing run
         resume = common[1:] + ["--epochs", "4", "--batch-size", "8", "--resume", os.path.join(out, "checkpoint.pth")]
+        before = open(os.path.join(out, "metrics.jsonl")).read(), os.path.getmtime(os.path.join(out, "checkpoint.pth"))
         assert_data_error(lambda: train.main(train.parse_args(resume)), "global batch of 1 process(es) x 16")
+        assert before == (open(os.path.join(out, "metrics.jsonl")).read(),
+                          os.path.getmtime(os.path.join(out, "checkpoint.pth")))  # nothing written
+        # a checkpoint of older code records no process count: it resumes, with a note saying so
+        old = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+        del old["world_size"]
+        torch.save(old, os.path.join(d, "old.pth"))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert train.main(train.parse_args(common[1:] + ["--epochs", "4", "--resume", os.path.join(d, "old.pth"),
+                                                             "--output-dir", os.path.join(d, "old")])) == 0
+        assert "does not record its number of processes" in printed.getvalue()
 
 
 def test_val_split_is_stratified_disjoint_unaugmented_and_logged():
@@ -672,6 +684,7 @@ def test_training_steps_never_read_the_device():
             return result
 
         train.train_one_epoch = counting
+        ce_reads = None
         try:
             for extra in ([], ["--loss", "joint"], ["--model", "plain20", "--deep-sup", "0"], ["--loss", "hybrid-sc"],
                           ["--loss", "hybrid-psc"], ["--loss", "mksmt", "--head-width", "8"]):
@@ -681,8 +694,8 @@ def test_training_steps_never_read_the_device():
                         "--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size", "8",
                         "--iters", str(iters), "--print-freq", str(print_freq), "--device", "cpu",
                         "--output-dir", os.path.join(d, "r"), *extra])) == 0
-                # 1 window + the epoch end vs 4 windows + the epoch end: 3 more reads for 4 more steps,
-                # so none per step (the sampler's host-side shuffle adds the same once an epoch to both)
+                # 1 window vs 4 windows (the epoch end reads with the last one): 3 more reads for 4 more
+                # steps, so none per step (the sampler's host-side shuffle adds the same once an epoch to both)
                 assert counts[(8, 2)] - counts[(4, 4)] == 3, (extra, counts)
                 assert counts[(4, 4)] <= 2 + 2, (extra, counts)
                 ce_reads = counts[(8, 2)] if not extra else ce_reads
@@ -2151,11 +2164,14 @@ def test_mksmt_train_and_evaluate_extras_end_to_end():
         assert result["flip"] == "v" and result["complexity"]["params_overhead_percent"] > 0
         r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"),
                             "--gradcam-stages", "1"], cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.strip() == "error: --gradcam-stages needs --gradcam N (how many test images)"
+        assert r.returncode == 2 and r.stderr.startswith("error: --gradcam-stages needs --gradcam N") \
+            and r.stderr.count("\n") == 1, r.stderr
         bad_stage = evaluate.get_args_parser().parse_args(["--checkpoint", os.path.join(out, "checkpoint.pth"),
                                                           "--gradcam", "1", "--gradcam-stages", "0,9", "--gradcam-dir",
                                                           os.path.join(d, "none"), "--workers", "0"])
         assert_data_error(lambda: evaluate.main(bad_stage), "--gradcam-stages 9: this model has stages 0..2")
+        bad_stage.gradcam_stages = evaluate.get_args_parser().parse_args(["--gradcam-stages", ""]).gradcam_stages
+        assert_data_error(lambda: evaluate.main(bad_stage), "at least one stage")
         assert not os.path.exists(os.path.join(d, "none")) or not os.listdir(os.path.join(d, "none"))  # nothing written
         for flag, value in (("--batch-size", "0"), ("--gradcam", "-1"), ("--workers", "-1")):
             err = io.StringIO()

@@ -650,17 +650,13 @@ def load_state_checked(module, state, path, what):
 
 def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     """--resume PATH / auto: load model, loss parameters, optimizer, scheduler and scaler,
-    check the global batch, and trim --output-dir's metrics.jsonl to the checkpoint. Returns (path, the
-    run's progress) or (None, None) for a fresh run (whose old metrics are removed)."""
+    and check the global batch. Returns (path, checkpoint) or (None, None) for a fresh run."""
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     path = ckpt_path if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.exists(ckpt_path):
         print(f"--resume auto: no {ckpt_path} yet, starting fresh", flush=True)
         path = None
     if path is None:
-        if rank == 0 and os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run never mixes with an old run's metrics
         return None, None
     ckpt = load_checkpoint(path)
     try:
@@ -688,12 +684,13 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     # iterations count global batches: another global batch would shift epochs, milestones and the data order
     saved_world = ckpt.get("world_size", len(ckpt.get("rng_per_rank", [])) or None)  # None: an older format
     saved_batch = ckpt["args"].get("batch_size")
-    if saved_world and saved_batch and saved_world * saved_batch != world_size() * args.batch_size:
+    if saved_world is None:
+        print(f"{path} does not record its number of processes (an older checkpoint): resume it at the global "
+              f"batch it was trained with (it ran --batch-size {saved_batch} per process)", flush=True)
+    elif saved_world * saved_batch != world_size() * args.batch_size:
         raise data.DataError(f"checkpoint {path} was trained at a global batch of {saved_world} process(es) x "
                              f"{saved_batch}; this run's is {world_size()} x {args.batch_size}: resume it with "
                              f"the same product")
-    if rank == 0:
-        keep_metrics_up_to(metrics_path, ckpt["iteration"])  # this run's metrics, wherever the checkpoint lies
     return path, ckpt
 
 
@@ -707,8 +704,9 @@ def restore_progress(path, ckpt, rank=0, device=None):
     elif len(per_rank) > 1 or world_size() > 1:  # the same global batch over another number of processes
         if rank == 0:
             set_rng_states(ckpt["rng"], device)
-        print(f"{path} was written by {max(len(per_rank), 1)} process(es), this run has {world_size()}: rank 0 "
-              f"restores rank 0's RNG state, the others keep their seed; the resumed run is not bit-exact", flush=True)
+        written = ckpt.get("world_size", len(per_rank) or "an unknown number of")
+        print(f"{path} was written by {written} process(es), this run has {world_size()}: rank 0 restores "
+              f"rank 0's RNG state, the others keep their seed; the resumed run is not bit-exact", flush=True)
     else:
         set_rng_states(ckpt["rng"], device)
     progress = ckpt.get("progress", {"iteration": ckpt["iteration"]})
@@ -736,14 +734,21 @@ def default_output_dir(args):
     return os.path.join("runs", f"{name}-seed{args.seed}")
 
 
-def prepare_output_dir(args):
-    """Create --output-dir and write config.json, or fail with one line."""
+def prepare_output_dir(args, resumed_at=None):
+    """Create --output-dir, write config.json, and remove its metrics.jsonl (a fresh run
+    never mixes with an old run's rows) or, resumed at iteration ``resumed_at``, drop the
+    rows after it; or fail with one line."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "config.json")
         with open(path + ".tmp", "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if resumed_at is not None:
+            keep_metrics_up_to(metrics_path, resumed_at)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
     except OSError as e:
         raise data.DataError(f"cannot write to --output-dir {args.output_dir} ({e.strerror}); "
                              f"pass a writable folder") from None
