@@ -68,7 +68,7 @@ def main():
         if finished:
             finals.append(last["test_top1"])
         print(f"| {seed} | {done:,} / {config['iters']:,}{' (done)' if finished else ''} | {last.get('epoch', '-')} "
-              f"| {last.get('test_top1', '-')} | {last.get('train_loss', float('nan')):.4f} | {last.get('lr', '-')} "
+              f"| {last.get('test_top1', '-')} | {last.get('train_loss', float('nan')):.4f} | {format(last['lr'], '.4g') if 'lr' in last else '-'} "
               f"| {minutes // 60} h {minutes % 60} min | {len(segments)}{running} | {rate} |")
     if len(finals) >= 2:
         print(f"\nlast evaluation over {len(finals)} finished seeds: {statistics.mean(finals):.2f} "
