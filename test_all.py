@@ -2162,17 +2162,19 @@ def test_mksmt_train_and_evaluate_extras_end_to_end():
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["flip"] == "v" and result["complexity"]["params_overhead_percent"] > 0
-        r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"),
-                            "--gradcam-stages", "1"], cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.startswith("error: --gradcam-stages needs --gradcam N") \
-            and r.stderr.count("\n") == 1, r.stderr
-        bad_stage = evaluate.get_args_parser().parse_args(["--checkpoint", os.path.join(out, "checkpoint.pth"),
-                                                          "--gradcam", "1", "--gradcam-stages", "0,9", "--gradcam-dir",
-                                                          os.path.join(d, "none"), "--workers", "0"])
-        assert_data_error(lambda: evaluate.main(bad_stage), "--gradcam-stages 9: this model has stages 0..2")
-        bad_stage.gradcam_stages = evaluate.get_args_parser().parse_args(["--gradcam-stages", ""]).gradcam_stages
-        assert_data_error(lambda: evaluate.main(bad_stage), "at least one stage")
-        assert not os.path.exists(os.path.join(d, "none")) or not os.listdir(os.path.join(d, "none"))  # nothing written
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):                           # evaluate.py's command line, in-process
+            code = utils.run_with_one_line_errors(evaluate.main, evaluate.get_args_parser().parse_args(
+                ["--checkpoint", os.path.join(out, "checkpoint.pth"), "--gradcam-stages", "1"]))
+        assert code == 2 and err.getvalue().startswith("error: --gradcam-stages needs --gradcam N") \
+            and err.getvalue().count("\n") == 1, err.getvalue()
+        assert_data_error(lambda: evaluate.write_gradcams(models.build_model("resnet20", 4), [(torch.zeros(3, 16, 16), 0)],
+                                                          1, os.path.join(d, "none"), "cifar", torch.device("cpu"),
+                                                          [0, 9]), "--gradcam-stages 9: this model has stages 0..2")
+        assert not os.path.exists(os.path.join(d, "none"))                  # checked before the first PNG
+        no_stage = evaluate.get_args_parser().parse_args(["--checkpoint", os.path.join(out, "checkpoint.pth"),
+                                                         "--gradcam", "1", "--gradcam-stages", ""])
+        assert_data_error(lambda: evaluate.main(no_stage), "at least one stage")
         for flag, value in (("--batch-size", "0"), ("--gradcam", "-1"), ("--workers", "-1")):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
