@@ -2442,7 +2442,7 @@ _DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce
              "mksmt-async": ["--loss", "mksmt", "--head-width", "8", "--kd-exec", "async", "--lr", "0.005"],
              "deep-sup": ["--deep-sup", "1", "--aux-dropout", "0"]}
 _DDP_SCRIPT = """
-import json, os, signal, sys, torch, torch.distributed as dist
+import gc, json, os, signal, sys, torch, torch.distributed as dist
 import train, utils
 npz, out, runs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 common = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--recipe", "none", "--workers", "0",
@@ -2492,7 +2492,8 @@ def worker(rank, world, port):
         hold_bn[0] = False
         codes["bn"] = main(["--iters", "3", "--batch-size", batch, "--output-dir", os.path.join(out, "bn")])
     json.dump(codes, open(os.path.join(out, f"codes{rank}.json"), "w"))
-    if world > 1:  # gloo aborts at exit ("terminate called without an active exception") if the group lives on
+    if world > 1:  # gloo aborts at exit ("terminate called without an active exception") if the group lives on,
+        gc.collect()  # also inside a DDP wrapper that a reference cycle keeps (the stopped runs' Run and save)
         dist.destroy_process_group()
 
 if __name__ == "__main__":

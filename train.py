@@ -11,6 +11,7 @@ Reads top to bottom: recipes, one step per method, train_one_epoch(), evaluate()
 (machinery: utils.py). Writes config.json, metrics.jsonl, checkpoint.pth (--resume auto continues it).
 """
 import functools
+import gc
 import math
 import os
 import sys
@@ -380,7 +381,8 @@ def main(args):
     try:
         return train(args, rank, world_size, device)
     finally:
-        if started:
+        if started:  # first free the DDP wrappers left in reference cycles: they hold the process group, and
+            gc.collect()  # gloo torn down at interpreter exit can abort ("terminate called without an active exception")
             torch.distributed.destroy_process_group()
 
 
