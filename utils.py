@@ -682,8 +682,7 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     # iterations count global batches: another global batch would shift epochs, milestones and the data order
-    saved_world = ckpt.get("world_size", len(ckpt.get("rng_per_rank", [])) or None)  # None: an older format
-    saved_batch = ckpt["args"].get("batch_size")
+    saved_world, saved_batch = checkpoint_world_size(ckpt), ckpt["args"].get("batch_size")
     if saved_world is None:
         print(f"{path} does not record its number of processes (an older checkpoint): resume it at the global "
               f"batch it was trained with (it ran --batch-size {saved_batch} per process)", flush=True)
@@ -694,6 +693,12 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     return path, ckpt
 
 
+def checkpoint_world_size(ckpt):
+    """The number of processes that trained ``ckpt``; None for an older checkpoint
+    that recorded neither it nor per-process RNG states."""
+    return ckpt.get("world_size", len(ckpt.get("rng_per_rank", [])) or None)
+
+
 def restore_progress(path, ckpt, rank=0, device=None):
     """The RNG states and the run's progress of a checkpoint that ``resume`` loaded."""
     per_rank = ckpt.get("rng_per_rank", [])
@@ -701,10 +706,10 @@ def restore_progress(path, ckpt, rank=0, device=None):
         set_rng_states(per_rank[rank], device)
     elif "rng" not in ckpt:
         print(f"{path} holds no RNG states (older format): the resumed run is not bit-exact", flush=True)
-    elif len(per_rank) > 1 or world_size() > 1:  # the same global batch over another number of processes
+    elif (checkpoint_world_size(ckpt) or 1) != world_size():  # the same global batch, another process count
         if rank == 0:
             set_rng_states(ckpt["rng"], device)
-        written = ckpt.get("world_size", len(per_rank) or "an unknown number of")
+        written = checkpoint_world_size(ckpt) or "an unknown number of"
         print(f"{path} was written by {written} process(es), this run has {world_size()}: rank 0 restores "
               f"rank 0's RNG state, the others keep their seed; the resumed run is not bit-exact", flush=True)
     else:
