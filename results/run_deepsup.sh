@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # With vs without deep supervision (one aux head after stage 1), 3 seeds each,
 # on the CIFAR-10 subset. One fixed, very small budget: 2 epochs, lr 0.01 constant
-# (plain56 diverged at lr 0.1 with Kaiming init and did not move with Xavier init),
+# (at lr 0.1 plain56 stayed at chance with either init: results/deepsup-lr-checks/),
 # batch 128. plain56 uses Kaiming init here so that it can learn at all in 2 epochs.
 # Usage (from the repository root): bash results/run_deepsup.sh plain56|resnet56 [seeds...]
 # The two models were run side by side, one torch thread each (OMP_NUM_THREADS=1).

@@ -3,12 +3,13 @@ in markdown for results/README.md, from the files the runs write and nothing els
 
     python results/seed001_full_report.py            # tables; with matplotlib also the plot
 
-1. One row per seed: iterations done of the recipe's, the last evaluation (epoch, test
-   top-1, epoch-mean train CE, lr), training time (the run's own clock in the checkpoint,
+1. One row per seed: iterations done of the recipe's, the last evaluation (epochs done,
+   counted from 1, where metrics.jsonl's "epoch" counts from 0; test top-1, epoch-mean
+   train CE, lr), training time (the run's own clock in the checkpoint,
    summed over its segments), segments and the mean of their img/s (the log's
    "== segment" lines, written by run_seed001_full.sh). Once two or more seeds have
    finished: mean +- sample std of the last evaluation.
-2. Every evaluation so far, one column per evaluated epoch.
+2. Every evaluation so far, one column per evaluation (epochs done).
 3. With matplotlib: seed001_full_curves.png (test top-1 and train CE against iterations).
 """
 import glob
@@ -54,7 +55,7 @@ def main():
     if not runs:
         print(f"no run folders matching {PATTERN}")
         return 1
-    print("| seed | iterations | last evaluation: epoch | test top-1 (%) | train CE | lr | training time "
+    print("| seed | iterations | last evaluation: after epoch | test top-1 (%) | train CE | lr | training time "
           "| segments | mean img/s of the ended segments |")
     print("|---|---|---|---|---|---|---|---|---|")
     finals = []
@@ -67,14 +68,14 @@ def main():
         finished = done >= config["iters"]
         if finished:
             finals.append(last["test_top1"])
-        print(f"| {seed} | {done:,} / {config['iters']:,}{' (done)' if finished else ''} | {last.get('epoch', '-')} "
+        print(f"| {seed} | {done:,} / {config['iters']:,}{' (done)' if finished else ''} | {last['epoch'] + 1 if rows else '-'} "
               f"| {last.get('test_top1', '-')} | {last.get('train_loss', float('nan')):.4f} | {format(last['lr'], '.4g') if 'lr' in last else '-'} "
               f"| {minutes // 60} h {minutes % 60} min | {len(segments)}{running} | {rate} |")
     if len(finals) >= 2:
         print(f"\nlast evaluation over {len(finals)} finished seeds: {statistics.mean(finals):.2f} "
               f"+- {statistics.stdev(finals):.2f} (sample std)")
     epochs = sorted({r["epoch"] for (_, _, rows, _), _ in runs for r in rows})
-    print("\n| epoch | " + " | ".join(str(e) for e in epochs) + " |")
+    print("\n| after epoch | " + " | ".join(str(e + 1) for e in epochs) + " |")
     print("|---|" + "---|" * len(epochs))
     for (seed, _, rows, _), _ in runs:
         by_epoch = {r["epoch"]: r for r in rows}
