@@ -33,7 +33,6 @@ CPU), torch / torchvision versions and CPU thread counts next to the timings.
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -65,17 +64,6 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_slug(device):
@@ -358,7 +346,7 @@ def check_args(args, device):
 def device_info(device):
     """What the timings were taken on: device name, GPU memory, versions, threads."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"device": device_slug(device), "device_name": gpu or cpu_name(), "gpu": gpu, "cpu": cpu_name(),
+    return {"device": device_slug(device), "device_name": gpu or utils.cpu_name(), "gpu": gpu, "cpu": utils.cpu_name(),
             "gpu_memory_gib": gpu_memory_gib(device), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count()}

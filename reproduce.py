@@ -300,8 +300,9 @@ def device_description(device_name):
     """'cuda (NVIDIA H100 80GB HBM3)' or 'cpu (AMD EPYC)' for the --device value."""
     import torch
     import benchmark
+    import utils
     device = benchmark.pick_device(device_name)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else benchmark.cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else utils.cpu_name()
     return device.type, f"{device} ({name})"
 
 

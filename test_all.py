@@ -554,7 +554,12 @@ def test_train_and_evaluate_end_to_end():
         ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
         assert {"model", "optimizer", "scheduler", "criterion", "epoch", "iteration", "args"} <= set(ckpt)
         assert ckpt["criterion"]["center_loss.centers"].shape == (4, 64)
-        assert json.load(open(os.path.join(out, "config.json")))["loss"] == "joint"
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["loss"] == "joint"
+        env = config["environment"]  # what the run ran on, for a reader of the folder alone
+        assert (env["torch"], env["torchvision"], env["device"], env["processes"]) == \
+            (torch.__version__, torchvision.__version__, "cpu", 1), env
+        assert env["numpy"] == np.__version__ and env["python"].count(".") == 2 and env["device_name"], env
         r = _run("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json",
                  "--workers", "0", "--device", "cpu")
         assert r.returncode == 0, r.stderr

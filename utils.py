@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -739,15 +740,37 @@ def default_output_dir(args):
     return os.path.join("runs", f"{name}-seed{args.seed}")
 
 
-def prepare_output_dir(args, resumed_at=None):
-    """Create --output-dir, write config.json, and remove its metrics.jsonl (a fresh run
-    never mixes with an old run's rows) or, resumed at iteration ``resumed_at``, drop the
-    rows after it; or fail with one line."""
+def cpu_name():
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device, world_size):
+    """What a run ran on, for config.json: versions, device, processes, threads."""
+    import torchvision  # only for its version
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "processes": world_size, "threads": torch.get_num_threads()}
+
+
+def prepare_output_dir(args, resumed_at=None, environment=None):
+    """Create --output-dir, write config.json (every resolved flag, plus ``environment``
+    under that key; a resumed segment rewrites it), and remove its metrics.jsonl (a
+    fresh run never mixes with an old run's rows) or, resumed at iteration
+    ``resumed_at``, drop the rows after it; or fail with one line."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "config.json")
         with open(path + ".tmp", "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True)
+            json.dump({**vars(args), "environment": environment}, f, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if resumed_at is not None:
