@@ -571,17 +571,20 @@ def test_train_and_evaluate_end_to_end():
         assert r.returncode == 0, r.stderr
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[-1]["iteration"] == 9
-        # resumed into another folder: that folder's metrics are trimmed and continued, the source's left alone
+        # resumed into another folder holding another run's rows: it gets the resumed run's history up to the
+        # checkpoint (from the checkpoint's folder), then this segment's rows; the source is left alone
         other = os.path.join(d, "other")
         os.makedirs(other)
         with open(os.path.join(other, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"epoch": 2, "iteration": 9, "mine": 1}) + "\n"
-                    + json.dumps({"epoch": 3, "iteration": 12, "stale": 1}) + "\n")
+            f.write(json.dumps({"epoch": 2, "iteration": 9, "foreign": 1}) + "\n"
+                    + json.dumps({"epoch": 3, "iteration": 12, "foreign": 1}) + "\n")
         assert train.main(train.parse_args(common[1:] + ["--epochs", "4", "--resume", os.path.join(out, "checkpoint.pth"),
                                                          "--output-dir", other])) == 0
-        assert [json.loads(line)["iteration"] for line in open(os.path.join(out, "metrics.jsonl"))] == [3, 6, 9]
+        source_rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        assert [row["iteration"] for row in source_rows] == [3, 6, 9]
         rows = [json.loads(line) for line in open(os.path.join(other, "metrics.jsonl"))]
-        assert [(row["iteration"], "stale" in row) for row in rows] == [(9, False), (12, False)] and "mine" in rows[0]
+        assert rows[:3] == source_rows and [row["iteration"] for row in rows] == [3, 6, 9, 12], rows
+        assert not any("foreign" in row for row in rows)
         # another global batch (iterations count global batches): one line, nothing run
         resume = common[1:] + ["--epochs", "4", "--batch-size", "8", "--resume", os.path.join(out, "checkpoint.pth")]
         before = open(os.path.join(out, "metrics.jsonl")).read(), os.path.getmtime(os.path.join(out, "checkpoint.pth"))

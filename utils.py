@@ -720,13 +720,19 @@ def restore_progress(path, ckpt, rank=0, device=None):
     return progress
 
 
-def keep_metrics_up_to(path, iteration):
-    """On resume, drop metrics rows written after the checkpoint (a kill between
-    the row and the checkpoint would otherwise leave a duplicate)."""
-    if not os.path.exists(path):
+def keep_metrics_up_to(path, iteration, source=None):
+    """On resume, ``path`` (metrics.jsonl) keeps the resumed run's rows up to its
+    checkpoint's ``iteration``, taken from ``source``, the checkpoint's own folder's
+    metrics.jsonl (default: ``path``): a kill between a row and the checkpoint would
+    otherwise leave a duplicate, and a folder resumed into from another folder's
+    checkpoint would mix its old rows with this run's."""
+    source = source or path
+    rows = []
+    if os.path.exists(source):
+        with open(source) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+    if not rows and not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
@@ -761,11 +767,12 @@ def environment(device, world_size):
             "processes": world_size, "threads": torch.get_num_threads()}
 
 
-def prepare_output_dir(args, resumed_at=None, environment=None):
+def prepare_output_dir(args, resumed_at=None, environment=None, resumed_from=None):
     """Create --output-dir, write config.json (every resolved flag, plus ``environment``
     under that key; a resumed segment rewrites it), and remove its metrics.jsonl (a
     fresh run never mixes with an old run's rows) or, resumed at iteration
-    ``resumed_at``, drop the rows after it; or fail with one line."""
+    ``resumed_at`` from checkpoint ``resumed_from``, make it that checkpoint's folder's
+    rows up to that iteration; or fail with one line."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "config.json")
@@ -774,7 +781,8 @@ def prepare_output_dir(args, resumed_at=None, environment=None):
         os.replace(path + ".tmp", path)
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if resumed_at is not None:
-            keep_metrics_up_to(metrics_path, resumed_at)
+            source_dir = os.path.dirname(os.path.abspath(resumed_from)) if resumed_from else args.output_dir
+            keep_metrics_up_to(metrics_path, resumed_at, os.path.join(source_dir, "metrics.jsonl"))
         elif os.path.exists(metrics_path):
             os.remove(metrics_path)
     except OSError as e:
