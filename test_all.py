@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1941,6 +1942,33 @@ def _try_parse(argv):
     finally:
         if env:
             os.environ.pop("WORLD_SIZE") if saved is None else os.environ.update(WORLD_SIZE=saved)
+
+
+def test_readme_commands_parse():
+    """Every train.py / evaluate.py command in README's code blocks is accepted by its
+    parser (recipes, flag groups and ranges included), so the front page cannot drift
+    from the flags. "..." stands for the reader's own flags and is dropped."""
+    parsers = {"train.py": train.parse_args, "evaluate.py": lambda argv: evaluate.get_args_parser().parse_args(argv)}
+    seen = {name: 0 for name in parsers}
+    with open(os.path.join(HERE, "README.md")) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("    ")]  # indented code blocks
+    for line in lines:
+        words = [w for w in shlex.split(line, comments=True) if w != "..."]
+        script = next((w for w in words if w in parsers), None)
+        if script is None:
+            continue
+        stderr, saved = io.StringIO(), os.environ.get("WORLD_SIZE")
+        if words[0] == "torchrun":
+            os.environ["WORLD_SIZE"] = "2"  # what torchrun sets; flags such as --sync-bn check it
+        try:
+            with contextlib.redirect_stderr(stderr):
+                parsers[script](words[words.index(script) + 1:])
+        except SystemExit:
+            raise AssertionError(f"README: {line.strip()}: {stderr.getvalue().strip()}") from None
+        finally:
+            os.environ.pop("WORLD_SIZE", None) if saved is None else os.environ.update(WORLD_SIZE=saved)
+        seen[script] += 1
+    assert seen["train.py"] >= 10 and seen["evaluate.py"] >= 2, seen
 
 
 def test_every_flag_is_used_or_rejected_and_range_checked():
