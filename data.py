@@ -65,12 +65,13 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------------
-def cifar_transforms(normalize="cifar", image_size=32):
+def cifar_transforms(normalize="cifar", image_size=32, stored_size=(32, 32)):
     """Train: pad 4 with zeros, random crop, horizontal flip p=0.5 (He et al. 2016;
     Wu's write-up, Sec. 3.2). Test: no augmentation. ``normalize="seed001"`` gives
-    Wu's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std."""
+    Wu's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std. Images stored at
+    another (H, W) than ``image_size`` square are first resized to it, train and test."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
-    resize = [] if image_size == 32 else [T.Resize(image_size)]
+    resize = [] if tuple(stored_size) == (image_size, image_size) else [T.Resize((image_size, image_size))]
     train = T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
                                 T.ToTensor(), norm])
     test = T.Compose(resize + [T.ToTensor(), norm])
@@ -98,12 +99,14 @@ def cub_transforms(image_size=224, normalize="imagenet"):
     return train, test
 
 
-def hybrid_transforms(normalize="cifar", image_size=32, small=True):
+def hybrid_transforms(normalize="cifar", image_size=32, small=True, stored_size=(32, 32)):
     """The hybrid network's training views (Wang et al. 2021 digest, Implementation details):
     random crop (32 with 4 px padding on CIFAR; not in the paper: a
     RandomResizedCrop at larger sizes, e.g. iNaturalist's 224), horizontal flip
     and grayscale with p = 0.2, shared by both branches; the contrastive branch
-    gets two views, one with colour jitter and one without.
+    gets two views, one with colour jitter and one without. Small images stored at
+    another (H, W) (``stored_size``) are first resized to ``image_size``, as in
+    ``cifar_transforms``.
 
     not in the paper: the jitter itself, SupContrast's RandomApply(ColorJitter(
     0.4, 0.4, 0.4, 0.1), p=0.8).
@@ -111,7 +114,7 @@ def hybrid_transforms(normalize="cifar", image_size=32, small=True):
     """
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     if small:
-        crop = [] if image_size == 32 else [T.Resize(image_size)]
+        crop = [] if tuple(stored_size) == (image_size, image_size) else [T.Resize((image_size, image_size))]
         crop += [T.RandomCrop(image_size, padding=4)]
     else:
         crop = [T.RandomResizedCrop(image_size)]
@@ -232,8 +235,9 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 class PerSampleSeed(torch.utils.data.Dataset):
     """Wraps a dataset so ``dataset[(index, sample_seed)]`` runs its random
-    transforms under ``torch.manual_seed(sample_seed)``, leaving the caller's RNG
-    untouched."""
+    transforms with the CPU generator seeded to ``sample_seed`` (as
+    ``torch.manual_seed`` seeds it; the torchvision transforms draw from it), leaving
+    the caller's RNG, CPU and CUDA, untouched."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -244,7 +248,7 @@ class PerSampleSeed(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, sample_seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed would reseed CUDA too
             return self.dataset[index]
 
 
@@ -470,6 +474,10 @@ def long_tailed_subset(dataset, imbalance_ratio, seed=0):
     num_classes = len(dataset.classes)
     per_class = np.bincount(targets, minlength=num_classes)
     counts = long_tailed_counts(int(per_class.min()), num_classes, imbalance_ratio)
+    if min(counts) < 1:  # an empty class would make beta meaningless (and n_max 0 empties the set)
+        raise DataError(f"a long-tailed cut at --imbalance-ratio {imbalance_ratio:g} with n_max {per_class.min()} "
+                        f"(the smallest class's training images) leaves {counts.count(0)} of {num_classes} classes "
+                        f"empty; lower the ratio or use a training set with more images per class")
     rng = np.random.default_rng(seed)
     keep = []
     for c, n in enumerate(counts):
@@ -497,15 +505,16 @@ def load_cifar(name, root, download, transforms):
 def load_npz(path, transforms):
     if os.path.isdir(path):
         raise DataError(f"--data-path {path} is a folder; --dataset npz needs the .npz file itself")
-    try:
+    try:  # reading a key decompresses it, so every read is inside
         arrays = np.load(path)
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+        if missing:
+            raise DataError(f"{path} lacks keys {missing}; an npz dataset needs "
+                            f"x_train, y_train, x_test, y_test (uint8 NHWC images, int labels)")
+        arrays = {k: arrays[k] for k in arrays.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}); pass "
+        raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}: {e}); pass "
                         f"--data-path FILE.npz with keys x_train, y_train, x_test, y_test") from None
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise DataError(f"{path} lacks keys {missing}; an npz dataset needs "
-                        f"x_train, y_train, x_test, y_test (uint8 NHWC images, int labels)")
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     for key, x in (("x_train", x_train), ("x_test", x_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
@@ -636,6 +645,8 @@ def load_cub(root, transforms, num_classes=None, seed=0):
     if os.path.isfile(classes_file):
         class_names = {int(k) - 1: v.strip() for k, v in _read_table(classes_file).items()}
     total = max(labels.values()) + 1
+    if num_classes is not None and num_classes > total:
+        raise DataError(f"--cub-classes {num_classes}: {root} has {total} classes; pass at most {total}")
     keep = total if num_classes is None else num_classes
     ids = [i for i in ids if labels[i] < keep]
     samples = [(os.path.join(root, "images", paths[i].strip()), labels[i]) for i in ids]
@@ -778,7 +789,13 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     if not os.path.exists(data_path):
         raise DataError(f"{data_path} does not exist: pass --data-path pointing at the {name} data")
     if name == "npz":
-        return _long_tailed(load_npz(data_path, cifar_transforms(normalize, image_size)), imbalance_ratio, split_seed)
+        train, test, num_classes = load_npz(data_path, (None, None))
+        stored = train.images.shape[1:3]  # (H, W); load_npz checked both sets are (N, H, W, 3)
+        if test.images.shape[1:3] != stored:
+            raise DataError(f"{data_path}: x_train images are {stored[0]}x{stored[1]} but x_test images "
+                            f"{test.images.shape[1]}x{test.images.shape[2]}; store both at one size")
+        train.transform, test.transform = cifar_transforms(normalize, image_size, stored)  # resize if not image_size
+        return _long_tailed((train, test, num_classes), imbalance_ratio, split_seed)
     if name == "imagefolder":
         sets = load_imagefolder(data_path, lfw_transforms(image_size, normalize))
     elif name == "inat":
@@ -1001,6 +1018,15 @@ def _uint8_source(dataset):
         return None
     ok = isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 4 and array.shape[-1] == 3
     return array if ok else None
+
+
+def stored_size(dataset):
+    """(H, W) of the uint8 images behind an ArrayDataset / torchvision CIFAR set or a
+    (nested) Subset of one, else None."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    array = _uint8_source(dataset)
+    return None if array is None else tuple(array.shape[1:3])
 
 
 def can_use_tensor_loader(dataset):

@@ -284,7 +284,7 @@ def main(args):
                   + " / ".join("-" if result[g + "_top1"] is None else f"{result[g + '_top1']:.2f}"
                                for g in ("many", "medium", "few")))
         for name, acc in result["per_class"].items():
-            print(f"  {name:30s} {acc:6.2f}")
+            print(f"  {name:30s} " + ("     -  (no test images)" if acc is None else f"{acc:6.2f}"))
         for key in sorted(k for k in result if k.startswith("head_top1")):
             print(f"  {key}: {result[key]:.2f}")
         if args.flip:

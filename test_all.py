@@ -280,6 +280,22 @@ def test_npz_dataset_and_malformed_file():
         bad = _write_npz(os.path.join(d, "bad.npz"), y_test=None)
         _expect_data_error(lambda: data.build_datasets("npz", bad), "y_test")
         _expect_data_error(lambda: data.build_datasets("npz", os.path.join(d, "none.npz")), "--data-path")
+        # an array numpy reads only with pickle: one line, not a traceback
+        pickled = os.path.join(d, "pickled.npz")
+        np.savez(pickled, **dict(np.load(path)), classes=np.array(["a", 1, None, 2.0], dtype=object))
+        _expect_data_error(lambda: data.build_datasets("npz", pickled), "cannot read")
+        # 40-px images: train and test both resized to --image-size, whichever loader reads them
+        big = _write_npz(os.path.join(d, "big.npz"), side=40)
+        for image_size, tensor_path in ((32, False), (40, True)):
+            train_set, test_set, _ = data.build_datasets("npz", big, image_size=image_size)
+            assert train_set[0][0].shape == test_set[0][0].shape == (3, image_size, image_size)
+            assert data.can_use_tensor_loader(train_set) == data.can_use_tensor_loader(test_set) == tensor_path
+            ce_view, two_views = data.hybrid_transforms("cifar", image_size, True, data.stored_size(train_set))
+            image = Image.fromarray(train_set.images[0])
+            assert ce_view(image).shape == (3, image_size, image_size)  # the hybrid's DataLoader streams too
+            assert two_views(image).shape == (2, 3, image_size, image_size)
+        mixed = _write_npz(os.path.join(d, "mixed.npz"), x_test=np.zeros((20, 40, 40, 3), np.uint8))
+        _expect_data_error(lambda: data.build_datasets("npz", mixed), "store both at one size")
 
 
 def _expect_data_error(fn, fragment):
@@ -348,6 +364,7 @@ def test_cub_official_split_and_first_n_classes():
         assert train_set[0][0].shape == (3, 32, 32)
         sub_train, sub_test, k = data.build_datasets("cub", d, image_size=32, cub_classes=2)
         assert k == 2 and sorted(sub_train.targets) == [0] * 4 + [1] * 4 and len(sub_test) == 2
+        _expect_data_error(lambda: data.build_datasets("cub", d, image_size=32, cub_classes=4), "has 3 classes")
         os.remove(os.path.join(d, "train_test_split.txt"))
         _expect_data_error(lambda: data.build_datasets("cub", d), "train_test_split.txt")
     with tmpdir() as d:
@@ -490,7 +507,7 @@ def test_evaluate_counts_top1_top5_and_per_class():
                                          batch_size=3)
     result = train.evaluate(_FixedLogits(logits), loader, torch.device("cpu"), 6)
     assert result["top1"] == 50.0 and result["top5"] == 75.0 and result["n"] == 4
-    assert result["per_class"] == [100.0, 50.0, 0.0, 0.0, 0.0, 0.0]
+    assert result["per_class"] == [100.0, 50.0, None, None, None, 0.0]  # None: no test image of the class
     assert result["balanced_top1"] == (100 + 50 + 0) / 3  # classes 2-4 absent from the test set
 
 
@@ -879,8 +896,17 @@ def test_sampler_resumes_mid_epoch_and_augmentation_ignores_workers():
             batches.append(next(iter(loader))[0])
         assert torch.equal(batches[0], batches[1])
         state = torch.get_rng_state()
-        data.PerSampleSeed(train_set)[(0, 123)]
+        seeded, cuda_seeds = data.PerSampleSeed(train_set)[(0, 123)][0], []
         assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+        with torch.random.fork_rng(devices=[]):  # the same CPU stream as torch.manual_seed(123) ...
+            torch.manual_seed(123)
+            assert torch.equal(seeded, train_set[0][0])
+        cuda_reseed, torch.cuda.manual_seed_all = torch.cuda.manual_seed_all, cuda_seeds.append
+        try:  # ... without torch.manual_seed's reseeding of every GPU (dropout's stream there)
+            data.PerSampleSeed(train_set)[(0, 123)]
+        finally:
+            torch.cuda.manual_seed_all = cuda_reseed
+        assert cuda_seeds == [], cuda_seeds
 
 
 def _train_cmd(npz, out, *extra):
@@ -1672,6 +1698,10 @@ def test_long_tailed_sizes_and_subset():
     assert lt.indices == data.long_tailed_subset(base, 10, seed=1).indices
     assert lt.indices != data.long_tailed_subset(base, 10, seed=2).indices  # the shuffle is seeded
     assert all(base.targets[i] == t for i, t in zip(lt.indices, lt.targets))
+    # a cut that empties a class is refused: n_max 50 at beta 100 gives the last class int(0.5) = 0
+    _expect_data_error(lambda: data.long_tailed_subset(base, 100), "leaves 1 of 4 classes empty")
+    missing = data.ArrayDataset(np.zeros((150, 4, 4, 3), np.uint8), labels[:150], ["a", "b", "c", "d"])  # no "d"
+    _expect_data_error(lambda: data.long_tailed_subset(missing, 2), "leaves 4 of 4 classes empty")
 
 
 def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_set():
@@ -2465,7 +2495,7 @@ def test_loss_benchmarks_run_and_agree():
 # Every objective trained by 2 processes on batches of 4 and by 1 process on batches of 8, from the same
 # data: the weights, centers and prototypes must agree after 3 steps (with momentum). Then, on the 2
 # processes: a non-finite loss on one process only, and SIGTERM reaching the two at different steps.
-_DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce-torch-loader": ["--loader", "torch", "--image-size", "16"],
+_DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce-torch-loader": ["--loader", "torch"],
              "joint": ["--loss", "joint"], "joint-mean": ["--loss", "joint", "--ctc-reduction", "mean"],
              "center-wen": ["--loss", "center", "--lr", "0.002"],  # BN held fixed: large features, so a small lr
              "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lr", "0.002", "--center-lr", "0.05"],
@@ -2482,7 +2512,7 @@ import gc, json, os, signal, sys, torch, torch.distributed as dist
 import train, utils
 npz, out, runs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 common = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--recipe", "none", "--workers", "0",
-          "--lr", "0.05", "--milestones", "--print-freq", "1", "--device", "cpu"]
+          "--lr", "0.05", "--milestones", "--print-freq", "1", "--device", "cpu", "--image-size", "16"]
 
 hold_bn = [True]
 def bn_held_in_eval_mode(self, mode=True):  # the OPM and auxiliary heads' BatchNorm: per-process batch

@@ -361,7 +361,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     aux_correct, head_correct = flat[3:3 + len(aux_stages)], flat[3 + len(aux_stages):n_counts]
     class_correct, class_total = flat[n_counts:n_counts + num_classes], flat[n_counts + num_classes:]
     total = sum(class_total)
-    per_class = [100.0 * c / max(t, 1) for c, t in zip(class_correct, class_total)]
+    per_class = [100.0 * c / t if t else None for c, t in zip(class_correct, class_total)]  # None: no test image
     present = [t > 0 for t in class_total]
     shots = {}
     if train_counts is not None:

@@ -896,7 +896,8 @@ def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams
         streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
         return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
     small = args.dataset in SMALL_DATASETS
-    ce_transform, two_views = data.hybrid_transforms(args.normalize, args.image_size, small)
+    ce_transform, two_views = data.hybrid_transforms(args.normalize, args.image_size, small,
+                                                     data.stored_size(train_set) or (32, 32))
     streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
                _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
     return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
