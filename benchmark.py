@@ -96,7 +96,8 @@ def load_train_arrays(path):
 
 def make_loader(kind, x, y, batch_size, workers, device):
     """(loader, sampler) for ``kind`` "torch" (as utils.make_train_loader) or "tensor"."""
-    train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], data.cifar_transforms("cifar")[0])
+    transform = data.cifar_transforms("cifar", 32, x.shape[1:3])[0]  # resized to 32 px if stored otherwise
+    train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], transform)
     sampler = data.ResumableSampler(len(train_set), seed=0)
     if kind == "tensor":
         loader = data.TensorLoader(train_set, batch_size, device, data.CIFAR_MEAN, data.CIFAR_STD, sampler, seed=0)

@@ -248,7 +248,7 @@ class PerSampleSeed(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, sample_seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)  # torch.manual_seed would reseed CUDA too
+            torch.default_generator.manual_seed(int(sample_seed))  # torch.manual_seed would reseed CUDA too
             return self.dataset[index]
 
 
@@ -511,7 +511,7 @@ def load_npz(path, transforms):
         if missing:
             raise DataError(f"{path} lacks keys {missing}; an npz dataset needs "
                             f"x_train, y_train, x_test, y_test (uint8 NHWC images, int labels)")
-        arrays = {k: arrays[k] for k in arrays.files}
+        arrays = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes") if k in arrays}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {path} as .npz ({e.__class__.__name__}: {e}); pass "
                         f"--data-path FILE.npz with keys x_train, y_train, x_test, y_test") from None

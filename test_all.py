@@ -284,16 +284,22 @@ def test_npz_dataset_and_malformed_file():
         pickled = os.path.join(d, "pickled.npz")
         np.savez(pickled, **dict(np.load(path)), classes=np.array(["a", 1, None, 2.0], dtype=object))
         _expect_data_error(lambda: data.build_datasets("npz", pickled), "cannot read")
-        # 40-px images: train and test both resized to --image-size, whichever loader reads them
-        big = _write_npz(os.path.join(d, "big.npz"), side=40)
-        for image_size, tensor_path in ((32, False), (40, True)):
-            train_set, test_set, _ = data.build_datasets("npz", big, image_size=image_size)
+        # images stored at another size: train and test both resized to --image-size, whichever loader reads
+        # them (16 px: a 32-px crop of the padded 24 px would fail); at their own size, the tensor loader
+        for side, image_size, tensor_path in ((16, 32, False), (40, 32, False), (40, 40, True)):
+            stored = _write_npz(os.path.join(d, f"side{side}.npz"), side=side)
+            train_set, test_set, _ = data.build_datasets("npz", stored, image_size=image_size)
             assert train_set[0][0].shape == test_set[0][0].shape == (3, image_size, image_size)
             assert data.can_use_tensor_loader(train_set) == data.can_use_tensor_loader(test_set) == tensor_path
-            ce_view, two_views = data.hybrid_transforms("cifar", image_size, True, data.stored_size(train_set))
-            image = Image.fromarray(train_set.images[0])
-            assert ce_view(image).shape == (3, image_size, image_size)  # the hybrid's DataLoader streams too
-            assert two_views(image).shape == (2, 3, image_size, image_size)
+        flags = ["--dataset", "npz", "--data-path", os.path.join(d, "side16.npz"), "--recipe", "none",
+                 "--batch-size", "4", "--workers", "0"]
+        args = train.parse_args(flags + ["--loss", "hybrid-sc"])  # the hybrid's two DataLoader streams too
+        train_set = utils.build_datasets_from_args(args)[0]
+        (views, _), (ce_batch, _) = next(iter(utils.make_train_loader(args, train_set, torch.device("cpu"),
+                                                                      two_streams=True)[0]))
+        assert views.shape == (4, 2, 3, 32, 32) and ce_batch.shape == (4, 3, 32, 32)
+        args = train.parse_args(flags + ["--loader", "tensor"])
+        _expect_data_error(lambda: utils.use_tensor_loader(args, train_set), "pass --image-size 16 (its stored size)")
         mixed = _write_npz(os.path.join(d, "mixed.npz"), x_test=np.zeros((20, 40, 40, 3), np.uint8))
         _expect_data_error(lambda: data.build_datasets("npz", mixed), "store both at one size")
 
@@ -603,6 +609,12 @@ def test_train_and_evaluate_end_to_end():
         rows = [json.loads(line) for line in open(os.path.join(other, "metrics.jsonl"))]
         assert rows[:3] == source_rows and [row["iteration"] for row in rows] == [3, 6, 9, 12], rows
         assert not any("foreign" in row for row in rows)
+        # a checkpoint kept outside any run folder (a backup, no metrics.jsonl beside it) trims the folder's own rows
+        os.makedirs(os.path.join(d, "backup"))
+        shutil.copy(os.path.join(out, "checkpoint.pth"), os.path.join(d, "backup", "epoch3.pth"))  # iteration 9
+        assert train.main(train.parse_args(common[1:] + ["--epochs", "4", "--resume", os.path.join(d, "backup", "epoch3.pth"),
+                                                         "--output-dir", other])) == 0
+        assert [json.loads(line)["iteration"] for line in open(os.path.join(other, "metrics.jsonl"))] == [3, 6, 9, 12]
         # another global batch (iterations count global batches): one line, nothing run
         resume = common[1:] + ["--epochs", "4", "--batch-size", "8", "--resume", os.path.join(out, "checkpoint.pth")]
         before = open(os.path.join(out, "metrics.jsonl")).read(), os.path.getmtime(os.path.join(out, "checkpoint.pth"))

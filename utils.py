@@ -781,8 +781,9 @@ def prepare_output_dir(args, resumed_at=None, environment=None, resumed_from=Non
         os.replace(path + ".tmp", path)
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if resumed_at is not None:
-            source_dir = os.path.dirname(os.path.abspath(resumed_from)) if resumed_from else args.output_dir
-            keep_metrics_up_to(metrics_path, resumed_at, os.path.join(source_dir, "metrics.jsonl"))
+            # another run folder's history comes along; a checkpoint kept elsewhere (a backup) trims this one's
+            source = os.path.join(os.path.dirname(os.path.abspath(resumed_from or metrics_path)), "metrics.jsonl")
+            keep_metrics_up_to(metrics_path, resumed_at, source if os.path.exists(source) else None)
         elif os.path.exists(metrics_path):
             os.remove(metrics_path)
     except OSError as e:
@@ -850,8 +851,11 @@ def use_tensor_loader(args, train_set):
     uint8 array at its training size (cifar10/100, npz, their long-tailed subsets)."""
     fits = data.can_use_tensor_loader(train_set)
     if args.loader == "tensor" and not fits:
-        raise data.DataError(f"--loader tensor needs an in-memory uint8 dataset at its stored size (cifar10, "
-                             f"cifar100, npz without --image-size); --dataset {args.dataset} needs --loader torch")
+        size = data.stored_size(train_set)
+        fix = (f"pass --image-size {size[0]} (its stored size) or --loader torch" if size and size[0] == size[1]
+               else "pass --loader torch")
+        raise data.DataError(f"--loader tensor needs an in-memory uint8 dataset trained at its stored size "
+                             f"(cifar10, cifar100, npz): {fix}")
     return args.loader == "tensor" or (args.loader == "auto" and fits)
 
 
