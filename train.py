@@ -447,8 +447,7 @@ def train(args, rank, world_size, device):
     model, criterion, optimizer, scheduler, scaler = map(b.get, "model criterion optimizer scheduler scaler".split())
     resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler, rank)
     if rank == 0:
-        utils.prepare_output_dir(args, ckpt["iteration"] if resumed else None, utils.environment(device, world_size),
-                                 resumed)
+        utils.prepare_output_dir(args, resumed and ckpt["iteration"], resumed, utils.environment(device, world_size))
     print(config_line(args), flush=True)
     print(b["summary"], flush=True)
     iters_per_epoch, total_iters, epochs = b["iters_per_epoch"], b["total_iters"], b["epochs"]

@@ -767,7 +767,7 @@ def environment(device, world_size):
             "processes": world_size, "threads": torch.get_num_threads()}
 
 
-def prepare_output_dir(args, resumed_at=None, environment=None, resumed_from=None):
+def prepare_output_dir(args, resumed_at=None, resumed_from=None, environment=None):
     """Create --output-dir, write config.json (every resolved flag, plus ``environment``
     under that key; a resumed segment rewrites it), and remove its metrics.jsonl (a
     fresh run never mixes with an old run's rows) or, resumed at iteration
