@@ -65,13 +65,18 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------------
+def resize_from(stored_size, image_size):
+    """[T.Resize to image_size square] for images stored at another (H, W), else []."""
+    return [] if tuple(stored_size) == (image_size, image_size) else [T.Resize((image_size, image_size))]
+
+
 def cifar_transforms(normalize="cifar", image_size=32, stored_size=(32, 32)):
     """Train: pad 4 with zeros, random crop, horizontal flip p=0.5 (He et al. 2016;
     Wu's write-up, Sec. 3.2). Test: no augmentation. ``normalize="seed001"`` gives
     Wu's x*2/255-1, ``"cifar"`` the per-channel CIFAR-10 mean/std. Images stored at
     another (H, W) than ``image_size`` square are first resized to it, train and test."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
-    resize = [] if tuple(stored_size) == (image_size, image_size) else [T.Resize((image_size, image_size))]
+    resize = resize_from(stored_size, image_size)
     train = T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
                                 T.ToTensor(), norm])
     test = T.Compose(resize + [T.ToTensor(), norm])
@@ -114,7 +119,7 @@ def hybrid_transforms(normalize="cifar", image_size=32, small=True, stored_size=
     """
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     if small:
-        crop = [] if tuple(stored_size) == (image_size, image_size) else [T.Resize((image_size, image_size))]
+        crop = resize_from(stored_size, image_size)
         crop += [T.RandomCrop(image_size, padding=4)]
     else:
         crop = [T.RandomResizedCrop(image_size)]
