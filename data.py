@@ -77,6 +77,8 @@ def cifar_transforms(normalize="cifar", image_size=32, stored_size=(32, 32)):
     another (H, W) than ``image_size`` square are first resized to it, train and test."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     resize = resize_from(stored_size, image_size)
+    # not in the paper: Wu pads "4 pixels of zeros on all four sides" but gives the padded
+    # shape as 36x36; we keep the 4-px width (40x40 before the crop), He et al.'s Sec. 4.2.
     train = T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
                                 T.ToTensor(), norm])
     test = T.Compose(resize + [T.ToTensor(), norm])

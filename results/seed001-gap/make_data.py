@@ -1,0 +1,50 @@
+"""A proxy for what the JPEG round of our CIFAR-10 copy costs: encode every image once more
+at the same settings (IJG quality 75, 4:2:0, as results/jpeg_quality.txt measured) and train
+on that. Two variants:
+
+- aligned: re-encoded on the same 8x8 / 16x16 block grid. Close to idempotent, so a weak proxy.
+- shifted: the image is edge-padded by 4 px on the top and left (36x36), encoded, decoded and
+  cropped back, so the blocks straddle the old block edges and the quantisation error is new,
+  like a first round on (already smoothed) images.
+
+    python results/seed001-gap/make_data.py ../data/cifar10_full.npz ../data > results/seed001-gap/make_data.txt
+
+Writes DIR/cifar10_full_reenc_{aligned,shifted}.npz (same keys) and prints the PSNR of each
+against its input. Pillow's encoder: quality=75, subsampling 4:2:0 (Pillow's default for RGB).
+"""
+import io
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def reencode(images, shift):
+    out = np.empty_like(images)
+    for i, image in enumerate(images):  # (32, 32, 3) uint8
+        padded = np.pad(image, ((shift, 0), (shift, 0), (0, 0)), mode="edge")
+        buffer = io.BytesIO()
+        Image.fromarray(padded).save(buffer, format="JPEG", quality=75, subsampling="4:2:0")
+        out[i] = np.asarray(Image.open(buffer).convert("RGB"))[shift:, shift:]
+    return out
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def main(path, out_dir):
+    arrays = dict(np.load(path, allow_pickle=False))
+    for name, shift in (("aligned", 0), ("shifted", 4)):
+        new = dict(arrays)
+        for split in ("train", "test"):
+            new[f"x_{split}"] = reencode(arrays[f"x_{split}"], shift)
+            print(f"{name}: x_{split} PSNR {psnr(arrays[f'x_{split}'], new[f'x_{split}']):.2f} dB against the input, "
+                  f"{np.mean(arrays[f'x_{split}'] != new[f'x_{split}']) * 100:.1f}% of values changed")
+        np.savez(os.path.join(out_dir, f"cifar10_full_reenc_{name}.npz"), **new)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,38 @@
+"""Table of the seed-001 gap runs (results/seed001-gap/run.sh): last evaluation, train CE of
+the last epoch, mean img/s of the log's progress windows.
+
+    python results/seed001-gap/report.py > results/seed001-gap/report.txt
+"""
+import glob
+import json
+import os
+import re
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main():
+    rows = {}
+    for folder in sorted(glob.glob(os.path.join(HERE, "*-seed*/"))):
+        name = os.path.basename(folder.rstrip("/"))
+        variant, seed = name.rsplit("-seed", 1)
+        total = int(variant.rsplit("-it", 1)[1])
+        path = os.path.join(folder, "metrics.jsonl")
+        metrics = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        evals = [m for m in metrics if m.get("test_top1") is not None]
+        if not metrics or metrics[-1]["iteration"] < total:
+            print(f"{name}: unfinished ({metrics[-1]['iteration'] if metrics else 0} / {total} iterations)")
+            continue
+        rates = [float(r) for r in re.findall(r"([\d.]+) img/s", open(folder.rstrip("/") + ".log").read())]
+        rows.setdefault(variant, []).append(evals[-1]["test_top1"])
+        print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f} at iteration {evals[-1]['iteration']} "
+              f"(evaluations: {', '.join('%.2f' % m['test_top1'] for m in evals)}); "
+              f"train CE last epoch {metrics[-1]['train_ce']:.4f}; {statistics.mean(rates):.0f} img/s")
+    for variant, values in rows.items():
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Controlled short runs for the seed-001 gap: seed 001's recipe cut to ITERS iterations
+# (default 4000; lr steps at 40/60/80% as in the full schedule, e.g. 1600, 2400, 3200;
+# warm-up 500 at 0.01 as there), from the same pinned worktree as the full runs (5909c2f),
+# one torch thread, --resume auto (rerun the same command to continue a stopped run).
+#   ITERS=10000 bash results/seed001-gap/run.sh SEED VARIANT...
+#   VARIANT: base-bf16 (the decoded JPEG copy), shifted-bf16 (make_data.py's shifted
+#   re-encode), base-fp32 (no autocast)
+set -u
+cd "$(dirname "$0")/../.."
+repo=$(pwd)
+seed=$1; shift
+iters=${ITERS:-4000}
+tree=${SEED001_WORKTREE:-$repo/../seed001-worktree}
+data=${SEED001_DATA_DIR:-$repo/../data}
+[ "$(git -C "$tree" rev-parse HEAD)" = "$(git rev-parse 5909c2f^{commit})" ] || { echo "worktree not at 5909c2f" >&2; exit 2; }
+for variant in "$@"; do
+  case $variant in
+    base-bf16) npz=cifar10_full.npz; amp="--amp bf16" ;;
+    shifted-bf16) npz=cifar10_full_reenc_shifted.npz; amp="--amp bf16" ;;
+    base-fp32) npz=cifar10_full.npz; amp="--amp none" ;;
+    *) echo "unknown variant $variant" >&2; exit 2 ;;
+  esac
+  out=$repo/results/seed001-gap/$variant-it$iters-seed$seed
+  echo "== start $(date -u +%FT%TZ) $variant seed $seed iters $iters" >> "$out.log"
+  (cd "$tree" && OMP_NUM_THREADS=1 python train.py --recipe seed001-cifar10 --dataset npz --data-path "$data/$npz" \
+    $amp --channels-last --iters $iters --milestones $((iters * 2 / 5)) $((iters * 3 / 5)) $((iters * 4 / 5)) --eval-every 2 --print-freq 100 \
+    --seed $seed --output-dir "$out" --resume auto >> "$out.log" 2>&1)
+  echo "== end $(date -u +%FT%TZ) exit $?" >> "$out.log"
+done
