@@ -21,6 +21,7 @@ for variant in "$@"; do
     base-fp32) npz=cifar10_full.npz; amp="--amp none" ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
+  [ -f "$data/$npz" ] || { echo "$data/$npz missing: run results/run_seed001_full.sh once (decodes the copy), then python results/seed001-gap/make_data.py $data/cifar10_full.npz $data" >&2; exit 2; }
   out=$repo/results/seed001-gap/$variant-it$iters-seed$seed
   echo "== start $(date -u +%FT%TZ) $variant seed $seed iters $iters" >> "$out.log"
   (cd "$tree" && OMP_NUM_THREADS=1 python train.py --recipe seed001-cifar10 --dataset npz --data-path "$data/$npz" \
