@@ -1,5 +1,7 @@
 """Table of the seed-001 gap runs (results/seed001-gap/run.sh): last evaluation, train CE of
-the last epoch, mean img/s of the log's progress windows.
+the last epoch, mean img/s of the log's progress windows; then mean +- sample std over seeds
+per variant, and the paired differences (same seed, so same initialisation and batch order)
+of shifted-bf16 and base-fp32 against base-bf16, with their mean +- std and standard error.
 
     python results/seed001-gap/report.py > results/seed001-gap/report.txt
 """
@@ -13,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
-    rows = {}
+    rows = {}  # variant-itN -> {seed: last test top-1}
     for folder in sorted(glob.glob(os.path.join(HERE, "*-seed*/"))):
         name = os.path.basename(folder.rstrip("/"))
         variant, seed = name.rsplit("-seed", 1)
@@ -25,13 +27,26 @@ def main():
             print(f"{name}: unfinished ({metrics[-1]['iteration'] if metrics else 0} / {total} iterations)")
             continue
         rates = [float(r) for r in re.findall(r"([\d.]+) img/s", open(folder.rstrip("/") + ".log").read())]
-        rows.setdefault(variant, []).append(evals[-1]["test_top1"])
+        rows.setdefault(variant, {})[int(seed)] = evals[-1]["test_top1"]
         print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f} at iteration {evals[-1]['iteration']} "
               f"(evaluations: {', '.join('%.2f' % m['test_top1'] for m in evals)}); "
               f"train CE last epoch {metrics[-1]['train_ce']:.4f}; {statistics.mean(rates):.0f} img/s")
-    for variant, values in rows.items():
+    for variant, by_seed in rows.items():
+        values = list(by_seed.values())
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
+    for variant, by_seed in rows.items():
+        name, total = variant.rsplit("-it", 1)
+        reference = rows.get(f"base-bf16-it{total}", {})
+        seeds = sorted(set(by_seed) & set(reference))
+        if name == "base-bf16" or not seeds:
+            continue
+        diffs = [by_seed[s] - reference[s] for s in seeds]
+        line = f"{variant} minus base-bf16-it{total}, seeds {seeds}: " + ", ".join("%+.2f" % d for d in diffs)
+        if len(diffs) > 1:
+            sd = statistics.stdev(diffs)
+            line += f"; mean {statistics.mean(diffs):+.2f} ± {sd:.2f} (standard error {sd / len(diffs) ** 0.5:.2f})"
+        print(line)
 
 
 if __name__ == "__main__":
