@@ -466,7 +466,8 @@ def hybrid_study_plot(beta, table):
         results = [json.load(open(run_dir + "-paper-thresholds.json")) for run_dir, _ in seeds]
         classes = list(results[0]["train_counts"])
         counts = [results[0]["train_counts"][c] for c in classes]
-        means = [statistics.mean(a for r in results if (a := r["per_class"][c]) is not None) for c in classes]
+        per_class = [[a for r in results if (a := r["per_class"][c]) is not None] for c in classes]
+        means = [statistics.mean(a) if a else float("nan") for a in per_class]  # NaN: a gap in the line
         base = method.removesuffix("-3x")   # the 90-epoch run dashed, in its 30-epoch sibling's colour
         ax.plot(counts, means, "o--" if base != method else "o-", color=colours[base],
                 label=f"{HYBRID_METHODS[method]} ({len(seeds)} seeds)")

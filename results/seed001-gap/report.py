@@ -1,7 +1,8 @@
 """Table of the seed-001 gap runs (results/seed001-gap/run.sh): last evaluation, train CE of
 the last epoch, mean img/s of the log's progress windows; then mean +- sample std over seeds
 per variant, and the paired differences (same seed, so same initialisation and batch order)
-of shifted-bf16 and base-fp32 against base-bf16, with their mean +- std and standard error.
+of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
+shifted-bf16 (the second), with their mean +- std and standard error.
 
     python results/seed001-gap/report.py > results/seed001-gap/report.txt
 """
@@ -35,14 +36,15 @@ def main():
         values = list(by_seed.values())
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
-    for variant, by_seed in rows.items():
-        name, total = variant.rsplit("-it", 1)
-        reference = rows.get(f"base-bf16-it{total}", {})
+    pairs = [(variant, f"base-bf16-it{variant.rsplit('-it', 1)[1]}") for variant in rows]
+    pairs += [(variant, variant.replace("shifted2-", "shifted-")) for variant in rows if variant.startswith("shifted2-")]
+    for variant, reference_name in pairs:
+        by_seed, reference = rows[variant], rows.get(reference_name, {})
         seeds = sorted(set(by_seed) & set(reference))
-        if name == "base-bf16" or not seeds:
+        if variant == reference_name or not seeds:
             continue
         diffs = [by_seed[s] - reference[s] for s in seeds]
-        line = f"{variant} minus base-bf16-it{total}, seeds {seeds}: " + ", ".join("%+.2f" % d for d in diffs)
+        line = f"{variant} minus {reference_name}, seeds {seeds}: " + ", ".join("%+.2f" % d for d in diffs)
         if len(diffs) > 1:
             sd = statistics.stdev(diffs)
             line += f"; mean {statistics.mean(diffs):+.2f} ± {sd:.2f} (standard error {sd / len(diffs) ** 0.5:.2f})"

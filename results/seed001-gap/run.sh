@@ -5,7 +5,8 @@
 # one torch thread, --resume auto (rerun the same command to continue a stopped run).
 #   ITERS=10000 bash results/seed001-gap/run.sh SEED VARIANT...
 #   VARIANT: base-bf16 (the decoded JPEG copy), shifted-bf16 (make_data.py's shifted
-#   re-encode), base-fp32 (no autocast)
+#   re-encode), shifted2-bf16 (its third round: the shifted re-encode re-encoded, 2 px),
+#   base-fp32 (no autocast)
 set -u
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -18,6 +19,7 @@ for variant in "$@"; do
   case $variant in
     base-bf16) npz=cifar10_full.npz; amp="--amp bf16" ;;
     shifted-bf16) npz=cifar10_full_reenc_shifted.npz; amp="--amp bf16" ;;
+    shifted2-bf16) npz=cifar10_full_reenc_shifted2.npz; amp="--amp bf16" ;;
     base-fp32) npz=cifar10_full.npz; amp="--amp none" ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
