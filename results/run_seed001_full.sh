@@ -10,11 +10,13 @@
 #   stop at a step boundary with a checkpoint: kill -TERM <the python pid>
 # Settings: bf16 autocast + channels-last, eager (torch.compile measured no faster on this
 # CPU at one thread: 340 vs 343 img/s over the same 300 iterations, same loss curve), one
-# torch thread (the other core is for the session's own work).
+# torch thread (the other core is for the session's own work); SEED001_THREADS=2 gives it both
+# cores (a different thread count can change float summation order, so the log records it).
 set -u
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 seed=${1:-0}
+threads=${SEED001_THREADS:-1}
 pin=$(git rev-parse --verify 5909c2f^{commit})
 tree=${SEED001_WORKTREE:-$repo/../seed001-worktree}
 npz=${SEED001_DATA:-$repo/../data/cifar10_full.npz}
@@ -26,9 +28,9 @@ if [ ! -f "$npz" ]; then
   mkdir -p "$(dirname "$npz")"
   python "$repo/../shared/data/cifar10_jpeg.py" "$npz" || exit 2
 fi
-echo "== segment start $(date -u +%FT%TZ) commit $pin host $(hostname) cores $(nproc) OMP_NUM_THREADS=1" >> "$log"
+echo "== segment start $(date -u +%FT%TZ) commit $pin host $(hostname) cores $(nproc) OMP_NUM_THREADS=$threads" >> "$log"
 cd "$tree"
-OMP_NUM_THREADS=1 python train.py --recipe seed001-cifar10 --dataset npz --data-path "$npz" \
+OMP_NUM_THREADS=$threads python train.py --recipe seed001-cifar10 --dataset npz --data-path "$npz" \
   --amp bf16 --channels-last --eval-every 5 --print-freq 100 --seed $seed \
   --output-dir "$out" --resume auto >> "$log" 2>&1
 rc=$?
