@@ -15,6 +15,12 @@ included), a cell's figure the median window. The baseline,
 measured in the same run for every model, is eager fp32 with the torchvision
 DataLoader path of train.py (``data.cifar_transforms`` on ``data.ArrayDataset``,
 PIL per sample); every ratio is against it. ``tensor`` is ``data.TensorLoader``.
+``plain`` is a hand-written loop for comparison, with no code of this project in it:
+``torch.optim.SGD`` (its default implementation), ``zero_grad`` / ``backward`` /
+``step``, on batches already on the device (no augmentation); each other cell's
+``vs_plain`` is its rate over the plain cell of the same model, amp, channels-last
+and compile setting. ``--image-size`` sets the random images' side (224: ResNet-34 at
+ImageNet size, the model built for it).
 
 CUDA-only cells (``--amp fp16``: autocast + ``torch.amp.GradScaler``; ``--compile
 reduce-overhead`` / ``max-autotune``: CUDA graphs, with
@@ -51,7 +57,7 @@ import utils
 
 AMP_MODES = ("none", *utils.AMP_DTYPES)  # train.py's --amp choices
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-LOADERS = ("torch", "tensor")
+LOADERS = ("torch", "tensor", "plain")
 BASELINE = {"loader": "torch", "amp": "none", "channels_last": "off", "compile": "none"}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 SYNTHETIC_IMAGES = 10000
@@ -80,23 +86,24 @@ def gpu_memory_gib(device):
     return round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 2)
 
 
-def load_train_arrays(path):
+def load_train_arrays(path, image_size=32):
     """x_train (N, H, W, 3) uint8 and y_train (N,) int64 from the npz at ``path``, or
-    random images when ``path`` is None (said on stdout): speed does not depend on
-    pixel values."""
+    random images of side ``image_size`` when ``path`` is None (said on stdout): speed
+    does not depend on pixel values."""
     if path is None:
-        print(f"no --data-path: timing on {SYNTHETIC_IMAGES} random uint8 32x32 images "
+        n = SYNTHETIC_IMAGES if image_size <= 64 else 1024  # 1024 x 224 px: 154 MB
+        print(f"no --data-path: timing on {n} random uint8 {image_size}x{image_size} images "
               f"(speed does not depend on pixel values)", flush=True)
         rng = np.random.default_rng(0)
-        return (rng.integers(0, 256, (SYNTHETIC_IMAGES, 32, 32, 3), dtype=np.uint8),
-                rng.integers(0, 10, SYNTHETIC_IMAGES))
+        return (rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
+                rng.integers(0, 10, n))
     arrays = np.load(path)
     return arrays["x_train"], arrays["y_train"].astype(np.int64)
 
 
-def make_loader(kind, x, y, batch_size, workers, device):
+def make_loader(kind, x, y, batch_size, workers, device, image_size=32):
     """(loader, sampler) for ``kind`` "torch" (as utils.make_train_loader) or "tensor"."""
-    transform = data.cifar_transforms("cifar", 32, x.shape[1:3])[0]  # resized to 32 px if stored otherwise
+    transform = data.cifar_transforms("cifar", image_size, x.shape[1:3])[0]  # resized if stored otherwise
     train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], transform)
     sampler = data.ResumableSampler(len(train_set), seed=0)
     if kind == "tensor":
@@ -151,6 +158,31 @@ def make_step(model, optimizer, device, amp, channels_last, compile_mode):
     return step
 
 
+def make_plain_loop(model, x, y, batch_size, device, amp, channels_last):
+    """The hand-written comparison: a textbook loop with no code of this project, on
+    batches already on the device (the first ones of the set, normalised once, no
+    augmentation). Returns (step, batches)."""
+    fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
+    images = torch.from_numpy(x[:4 * batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
+    images = ((images - 0.5) / 0.25).contiguous(memory_format=fmt)  # (4B, 3, H, W)
+    labels = torch.from_numpy(y[:4 * batch_size]).to(device)
+    batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, 4 * batch_size, batch_size)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    dtype = utils.AMP_DTYPES.get(amp)
+
+    def step(images, labels):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images)["logits"], labels)
+        loss.backward()
+        optimizer.step()
+
+    def cycle():
+        while True:
+            yield from batches
+    return step, cycle()
+
+
 def time_windows(step, batches, batch_size, device, warmup, windows, steps_per_window):
     """img/s of each timed window, after ``warmup`` untimed steps."""
     for _ in range(warmup):
@@ -178,7 +210,7 @@ def time_windows(step, batches, batch_size, device, warmup, windows, steps_per_w
 def run_cell(args, cell, arrays, device):
     """Build the model, optimizer and loader of one grid cell and time it."""
     torch.manual_seed(0)
-    model = models.build_model(cell["model"], 10).to(device)
+    model = models.build_model(cell["model"], 10, image_size=args.image_size).to(device)
     if cell["channels_last"] == "on":
         model = model.to(memory_format=torch.channels_last)
     # train.py's own optimizer for these settings (fused where train.py uses it)
@@ -186,9 +218,13 @@ def run_cell(args, cell, arrays, device):
     if cell["compile"] != "none":
         model = torch.compile(model, mode=cell["compile"])
     model.train()
-    loader, sampler = make_loader(cell["loader"], *arrays, args.batch_size, args.workers, device)
-    step = make_step(model, optimizer, device, cell["amp"], cell["channels_last"], cell["compile"])
-    batches = endless(loader, sampler)
+    if cell["loader"] == "plain":
+        step, batches = make_plain_loop(model, *arrays, args.batch_size, device, cell["amp"], cell["channels_last"])
+    else:
+        loader, sampler = make_loader(cell["loader"], *arrays, args.batch_size, args.workers, device,
+                                      args.image_size)
+        step = make_step(model, optimizer, device, cell["amp"], cell["channels_last"], cell["compile"])
+        batches = endless(loader, sampler)
     try:
         return time_windows(step, batches, args.batch_size, device, args.warmup, args.windows,
                             args.steps_per_window)
@@ -213,7 +249,7 @@ def grid_cells(args):
 
 
 def run_grid(args, device):
-    arrays = load_train_arrays(args.data_path)
+    arrays = load_train_arrays(args.data_path, args.image_size)
     results = []
     for cell in grid_cells(args):
         label = " ".join(f"{k}={cell[k]}" for k in ("model", "loader", "amp", "channels_last", "compile"))
@@ -234,18 +270,24 @@ def run_grid(args, device):
         base = next((c for c in results if c["model"] == cell["model"] and c["baseline"]), None)
         if "median" in cell and base is not None and "median" in base:
             cell["ratio"] = round(cell["median"] / base["median"], 3)
+        plain = next((c for c in results if c["loader"] == "plain" and "median" in c and all(
+            c[k] == cell[k] for k in ("model", "amp", "channels_last", "compile"))), None)
+        if "median" in cell and plain is not None and cell is not plain:
+            cell["vs_plain"] = round(cell["median"] / plain["median"], 3)
     return results
 
 
 def print_table(results):
-    print(f"\n{'model':<12} {'loader':<7} {'amp':<5} {'ch-last':<7} {'compile':<16} {'img/s':>9} {'ratio':>6}")
+    print(f"\n{'model':<12} {'loader':<7} {'amp':<5} {'ch-last':<7} {'compile':<16} {'img/s':>9} {'ratio':>6} "
+          f"{'vs plain':>8}")
     for c in results:
         head = f"{c['model']:<12} {c['loader']:<7} {c['amp']:<5} {c['channels_last']:<7} {c['compile']:<16}"
         if "skipped" in c:
             print(f"{head} skipped: {c['skipped']}")
         else:
             ratio = f"{c['ratio']:.2f}" if "ratio" in c else "-"
-            print(f"{head} {c['median']:>9.1f} {ratio:>6}{'  (baseline)' if c['baseline'] else ''}")
+            vs_plain = f"{c['vs_plain']:.2f}" if "vs_plain" in c else "-"
+            print(f"{head} {c['median']:>9.1f} {ratio:>6} {vs_plain:>8}{'  (baseline)' if c['baseline'] else ''}")
 
 
 # ----------------------------------------------------------------------------------
@@ -369,7 +411,8 @@ def main(args):
     print(f"device {device} ({info['device_name']}{memory}), torch {info['torch']}, "
           f"torchvision {info['torchvision']}, {info['threads']} threads of {info['cpu_count']} CPUs", flush=True)
     report = {**info,
-              "grid": {"models": args.models, "batch_size": args.batch_size, "loaders": args.loaders,
+              "grid": {"models": args.models, "batch_size": args.batch_size, "image_size": args.image_size,
+                       "loaders": args.loaders,
                        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
                        "warmup": args.warmup, "windows": args.windows,
                        "steps_per_window": args.steps_per_window, "workers": args.workers,
@@ -404,6 +447,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--models", default="resnet32", type=_choices(models.MODEL_NAMES),
                         help="comma list of models.MODEL_NAMES")
     parser.add_argument("--batch-size", default=128, type=int)
+    parser.add_argument("--image-size", default=32, type=int, help="side of the random images and the model's input")
     parser.add_argument("--loaders", default="torch,tensor", type=_choices(LOADERS))
     parser.add_argument("--amp", default="none", type=_choices(AMP_MODES), help="none, bf16, fp16")
     parser.add_argument("--channels-last", default="off", type=_choices(("off", "on")))

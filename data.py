@@ -54,8 +54,10 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Wu's write-up (Sec. 3.2) scales pixels to x*2/255 - 1: ToTensor gives x/255, then (t - 0.5)/0.5.
 SEED001_MEAN, SEED001_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+# LDAM-DRW's cifar_train.py (and many CIFAR repositories): the same mean, another std.
+LDAM_MEAN, LDAM_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                  "seed001": (SEED001_MEAN, SEED001_STD)}
+                  "seed001": (SEED001_MEAN, SEED001_STD), "ldam": (LDAM_MEAN, LDAM_STD)}
 
 
 class DataError(Exception):

@@ -491,6 +491,30 @@ def test_epoch_milestones_scale_by_iterations_per_epoch():
     assert lrs[19] == 1.0 and math.isclose(lrs[20], 0.1) and math.isclose(lrs[30], 0.01)
 
 
+def test_ldam_ce_recipe_matches_its_public_code():
+    """--recipe ldam-ce-cifar10lt against LDAM-DRW's cifar_train.py as written there:
+    adjust_learning_rate (epoch + 1 <= 5: lr * (epoch + 1) / 5; > 180: lr * 1e-4; > 160:
+    lr * 0.01), SGD(0.1, momentum 0.9, weight_decay 2e-4), batch 128, 200 epochs, beta 100."""
+    args = train.parse_args(["--recipe", "ldam-ce-cifar10lt"])
+    assert (args.model, args.loss, args.batch_size, args.epochs, args.imbalance_ratio, args.sampler) == \
+        ("resnet32", "ce", 128, 200, 100.0, "instance")
+    assert data.NORMALIZATIONS[args.normalize] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
+    assert (optimizer.param_groups[0]["momentum"], optimizer.param_groups[0]["weight_decay"]) == (0.9, 2e-4)
+
+    def ldam_lr(epoch):  # their function, epoch counted from 0
+        epoch = epoch + 1
+        if epoch <= 5:
+            return 0.1 * epoch / 5
+        return 0.1 * 0.0001 if epoch > 180 else 0.1 * 0.01 if epoch > 160 else 0.1
+    iters = 7  # any number of iterations per epoch: the lr changes only at epoch boundaries
+    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=iters)
+    for it in range(200 * iters):
+        assert math.isclose(optimizer.param_groups[0]["lr"], ldam_lr(it // iters), rel_tol=1e-9), it
+        optimizer.step()
+        scheduler.step()
+
+
 class _FixedLogits(torch.nn.Module):
     """Returns the logits stored for each input (the input's first pixel is its index)."""
 
@@ -2474,17 +2498,22 @@ def test_benchmark_script_end_to_end():
     try:
         cmd = [sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "resnet20", "--batch-size", "16",
                "--warmup", "1", "--windows", "2", "--steps-per-window", "1", "--no-losses", "--workers", "0",
-               "--amp", "none,fp16", "--out", out]
+               "--amp", "none,fp16", "--loaders", "torch,tensor,plain", "--image-size", "24", "--out", out]
         result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "random uint8 24x24 images" in result.stdout
         files = os.listdir(out)
         assert len(files) == 1 and files[0].startswith("benchmark-") and files[0].endswith(".json"), files
         with open(os.path.join(out, files[0])) as f:
             report = json.load(f)
         cells = [c for c in report["cells"] if "median" in c]
-        assert {c["loader"] for c in cells} == {"torch", "tensor"}
+        assert {c["loader"] for c in cells} == {"torch", "tensor", "plain"}
         for c in cells:
             assert len(c["img_per_s"]) == 2 and c["median"] > 0 and c["ratio"] > 0
+            plain = [p for p in cells if p["loader"] == "plain" and p["amp"] == c["amp"]]
+            assert ("vs_plain" in c) == (c["loader"] != "plain" and bool(plain)), c
+            if "vs_plain" in c:
+                assert math.isclose(c["vs_plain"], c["median"] / plain[0]["median"], abs_tol=1e-3)
         assert [c for c in cells if c["baseline"]][0]["ratio"] == 1.0
         if not torch.cuda.is_available():
             assert any("skipped" in c and c["amp"] == "fp16" for c in report["cells"])
@@ -2701,6 +2730,31 @@ def test_amp_bf16_and_channels_last_train_and_evaluate():
         assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
         state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
         assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # autocast leaves weights fp32
+
+
+def test_momentum_buffers_take_the_channels_last_strides_and_values():
+    """--channels-last: the optimizer is built after the weights turn channels-last, so each
+    momentum buffer has its weight's strides (CUDA's fused SGD refuses a list whose strides
+    differ: seen on an H200) and, after two steps, the numbers of a contiguous run (not the
+    weight's memory order read as contiguous, which the CPU kernel produced before)."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
+        buffers = {}
+        for channels_last in (False, True):
+            args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size",
+                                     "8", "--workers", "0", "--device", "cpu"] + ["--channels-last"] * channels_last)
+            utils.seed_everything(0)
+            b = train.build(args, 0, 1, torch.device("cpu"))
+            step = train.bind_step(args, b["train_model"], b["train_criterion"], b["optimizer"], None,
+                                   torch.device("cpu"), 0.0)
+            for _, batch in zip(range(2), b["train_loader"]):
+                step(batch)
+            params = b["optimizer"].param_groups[0]["params"]
+            buffers[channels_last] = [b["optimizer"].state[p]["momentum_buffer"] for p in params]
+            assert all(buf.stride() == p.stride() for buf, p in zip(buffers[channels_last], params))
+        assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # the case under test happened
+        for plain, nhwc in zip(buffers[False], buffers[True]):
+            assert torch.allclose(plain, nhwc, rtol=1e-3, atol=1e-5), (plain - nhwc).abs().max()
 
 
 # ----------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ RECIPES.update({
                         batch_size=100, lr=0.05, momentum=0.9, wd=1e-4, epochs=100, milestones=[60, 80],
                         alpha_schedule="linear", positives=2),
 })
+# Wang et al.'s CE row (70.36 at beta 100) is Cao et al. 2019's (LDAM-DRW) CE run, from its public
+# cifar_train.py: lr x (e+1)/5 in epochs 0-4, x0.01 from 160, x0.0001 from 180. It reports the best epoch.
+RECIPES["ldam-ce-cifar10lt"] = dict(
+    model="resnet32", dataset="cifar10", loss="ce", imbalance_ratio=100.0, batch_size=128, lr=0.1, momentum=0.9,
+    wd=2e-4, epochs=200, warmup_epochs=5, milestones=[160, 180], gamma=0.01, normalize="ldam")
 # Yu et al. 2023 (MKSMT): Swin-L with ImageNet-22K weights (--weights, the official release, e.g.
 # swin_large_patch4_window7_224_22k.pth), OPM heads on S3 and S4, two-step training, decision
 # distillation with T = 1, lambda1 = lambda2 = 1. not in the paper (its Tables 2-3 are images):
@@ -139,9 +144,10 @@ def build_optimizer(args, model, criterion):
 
 
 def build_scheduler(args, optimizer, iters_per_epoch):
-    """Per-iteration schedule: ``--warmup-iters`` at ``--warmup-lr``, then ``--lr``
-    multiplied by ``--gamma`` at each milestone (Wu's recipe: 0.01 for 500 iterations,
-    0.1, /10 at 32k/48k/64k). The centers' lr stays constant unless
+    """Per-iteration schedule: ``--warmup-iters`` at ``--warmup-lr`` (or ``--warmup-epochs``
+    N: lr x (e + 1) / N in epoch e < N), then ``--lr`` multiplied by ``--gamma`` at each
+    milestone (Wu's recipe: 0.01 for 500 iterations, 0.1, /10 at 32k/48k/64k; LDAM-DRW's:
+    0.02, 0.04, ... 0.1 over 5 epochs, x0.01 at 160 and 180). The centers' lr stays constant unless
     ``--center-lr-schedule`` (our choice: the paper gives them a fixed 0.5)."""
     scale = 1 if args.milestone_unit == "iter" else iters_per_epoch
     milestone_iters = [m * scale for m in args.milestones]
@@ -149,6 +155,8 @@ def build_scheduler(args, optimizer, iters_per_epoch):
     def network_factor(iteration):
         if iteration < args.warmup_iters:
             return args.warmup_lr / args.lr
+        if iteration < args.warmup_epochs * iters_per_epoch:  # a linear ramp, one step per epoch
+            return (iteration // iters_per_epoch + 1) / args.warmup_epochs
         return args.gamma ** sum(iteration >= m for m in milestone_iters)
 
     factors = [network_factor]
@@ -412,9 +420,9 @@ def build(args, rank, world_size, device):
     criterion = build_criterion(args, num_classes, feat_dim)
     if criterion is not None:
         criterion.to(device)
-    optimizer = build_optimizer(args, model, criterion)
     train_model, eval_model = utils.prepare_model(model, device, world_size, args.channels_last, args.sync_bn,
                                                   args.compile, unused_parameters=args.loss == "mksmt")
+    optimizer = build_optimizer(args, model, criterion)  # after channels-last: buffers take the weights' strides
     train_criterion = utils.prepare_criterion(criterion, world_size)
     train_loader, sampler = utils.make_train_loader(args, train_set, device, rank, world_size,
                                                     two_streams=args.loss in HYBRID_LOSSES)
@@ -555,6 +563,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--wd", type=utils.NON_NEGATIVE, default=1e-4, help="weight decay of the network")
     g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150], help="lr x --gamma at these")
     g.add_argument("--warmup-iters", type=utils.COUNT, default=0)
+    g.add_argument("--warmup-epochs", type=utils.COUNT, default=0, metavar="N",
+                   help="lr x (e + 1) / N in epoch e < N (LDAM-DRW's warm-up, stepped per epoch)")
     group("epochs", ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0)).add_argument(
         "--epochs", type=utils.AT_LEAST_1, default=200)
     g = group("milestones", ("--milestones", lambda a: bool(a.milestones)))

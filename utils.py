@@ -246,6 +246,8 @@ def seed_everything(seed, deterministic=False):
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    else:  # fixed input shapes: let cuDNN time its kernels once and keep the fastest (GPU only), as torchvision's reference
+        torch.backends.cudnn.benchmark = True
 
 
 def resolve_device(name):
@@ -764,6 +766,8 @@ def environment(device, world_size):
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
             "processes": world_size, "threads": torch.get_num_threads()}
 
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The paper-scale runs, on CPU, across sessions: one script for all of them.
+#
+#   bash results/run_long.sh RUN SEED          # start, or continue with --resume auto
+#   nohup bash results/run_long.sh hybrid-sc 0 > /dev/null 2>&1 &
+#   stop at a step boundary with a checkpoint: kill -TERM <the python pid> (pgrep -f "output-dir .*RUN-seedN")
+#
+# RUN (the table below): the recipe, its study folder under results/ and its flags.
+# The code is pinned: a run always executes a git worktree of the commit it started at (written
+# to <run folder>/pinned_commit at its first start; PIN=<commit> chooses it), so later work on
+# train.py cannot change a run half-way. Data: the full CIFAR-10 copy of the team's data folder,
+# decoded once to ../data/cifar10_full.npz (50k / 10k, JPEG-derived: see results/README.md).
+# The log gets one line at each segment's start (commit, host, cores, threads) and end (exit
+# code, mean img/s). THREADS (default 1) sets OMP_NUM_THREADS; NICE (default 10) lets the
+# session's own work go first.
+set -u
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+run=${1:?RUN: seed001, hybrid-sc, hybrid-psc or ldam-ce}
+seed=${2:?SEED}
+threads=${THREADS:-1}
+case $run in  # study folder | train.py flags
+  seed001)    study=resnet32-cifar10-wu; flags="--recipe seed001-cifar10 --eval-every 5 --print-freq 100" ;;
+  hybrid-sc)  study=hybrid-cifar10lt-full; flags="--recipe hybrid-sc-cifar10lt --print-freq 8 --save-every 40" ;;
+  hybrid-psc) study=hybrid-cifar10lt-full; flags="--recipe hybrid-psc-cifar10lt --print-freq 8 --save-every 40" ;;
+  ldam-ce)    study=hybrid-cifar10lt-full; flags="--recipe ldam-ce-cifar10lt --print-freq 32 --save-every 200" ;;
+  *) echo "unknown RUN $run: seed001, hybrid-sc, hybrid-psc or ldam-ce" >&2; exit 2 ;;
+esac
+out=$repo/results/$study/$run-seed$seed
+[ "$run" = seed001 ] && out=$repo/results/$study/seed001-cifar10full-resnet32-seed$seed  # its folders' names
+log=$out.log
+npz=${DATA:-$repo/../data/cifar10_full.npz}
+mkdir -p "$out"
+if [ -f "$out/pinned_commit" ]; then pin=$(cat "$out/pinned_commit"); else
+  pin=$(git rev-parse --verify "${PIN:-HEAD}^{commit}") || exit 2; echo "$pin" > "$out/pinned_commit"; fi
+tree=$repo/../worktrees/${pin:0:10}
+[ -d "$tree" ] || git worktree add --detach "$tree" "$pin" > /dev/null || exit 2
+[ "$(git -C "$tree" rev-parse HEAD)" = "$pin" ] || { echo "worktree $tree is not at $pin" >&2; exit 2; }
+if [ ! -f "$npz" ]; then
+  mkdir -p "$(dirname "$npz")"
+  python "$repo/../shared/data/cifar10_jpeg.py" "$npz" || { echo "no data: $npz is made from ../shared/data/cifar10_jpeg.npz" >&2; exit 2; }
+fi
+echo "== segment start $(date -u +%FT%TZ) commit $pin host $(hostname) cores $(nproc) OMP_NUM_THREADS=$threads" >> "$log"
+cd "$tree"
+OMP_NUM_THREADS=$threads nice -n "${NICE:-10}" python train.py $flags --dataset npz --data-path "$npz" \
+  --amp bf16 --channels-last --seed "$seed" --output-dir "$out" --resume auto >> "$log" 2>&1
+rc=$?
+rate=$(awk '/^== segment start/ {n = 0; s = 0} / img\/s / {for (i = 1; i < NF; i++) if ($(i+1) == "img/s") {s += $i; n++}} END {if (n) printf "%.1f", s / n; else print "n/a"}' "$log")
+echo "== segment end $(date -u +%FT%TZ) exit $rc, mean of this segment's img/s windows $rate" >> "$log"
