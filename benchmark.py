@@ -102,7 +102,7 @@ def load_train_arrays(path, image_size=32):
 
 
 def make_loader(kind, x, y, batch_size, workers, device, image_size=32):
-    """(loader, sampler) for ``kind`` "torch" (as utils.make_train_loader) or "tensor"."""
+    """(loader, sampler) for ``kind`` "torch" (as data.make_train_loader) or "tensor"."""
     transform = data.cifar_transforms("cifar", image_size, x.shape[1:3])[0]  # resized if stored otherwise
     train_set = data.ArrayDataset(x, y, [str(k) for k in range(10)], transform)
     sampler = data.ResumableSampler(len(train_set), seed=0)

@@ -10,7 +10,7 @@ of int) and ``.classes`` (list of str). Missing or malformed data raises
 scripts print it and exit with code 2.
 
 Formats (README.md, section Data):
-    cifar10, cifar100  torchvision's CIFAR (``download=True`` fetches it)
+    cifar10, cifar100  torchvision's CIFAR; without a data path fetched into ./data on first use
     npz                x_train, y_train, x_test, y_test; uint8 NHWC images
     imagefolder        <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg
     lfw                <root>/<Name>/<Name>_NNNN.jpg; top-k identities, seeded 8:2 split
@@ -87,9 +87,10 @@ def cifar_transforms(normalize="cifar", image_size=32, stored_size=(32, 32)):
     return train, test
 
 
-def lfw_transforms(image_size=224, normalize="imagenet"):
-    """Tong's write-up, Sec. 3.1 (LFW): RandomResizedCrop + horizontal flip for
-    training, resize and center crop for testing."""
+def resized_crop_transforms(image_size=224, normalize="imagenet"):
+    """ImageNet-style views of photos (LFW, image folders, iNaturalist):
+    RandomResizedCrop + horizontal flip for training, resize and center crop for
+    testing (Tong's write-up, Sec. 3.1, for LFW)."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     # not in the paper: the test resize side (image_size / 0.875, torchvision's ratio).
@@ -475,6 +476,16 @@ def long_tailed_counts(num_per_class, num_classes, imbalance_ratio):
             for i in range(num_classes)]
 
 
+def shot_groups(train_counts, many_threshold=100, few_threshold=20):
+    """{"many": [classes], "medium": [...], "few": [...]}: classes with more than
+    ``many_threshold`` training images, ``few_threshold`` to ``many_threshold``,
+    and fewer than ``few_threshold`` (the usual long-tail split: > 100, 20-100, < 20)."""
+    groups = {"many": [], "medium": [], "few": []}
+    for c, n in enumerate(train_counts):
+        groups["many" if n > many_threshold else "few" if n < few_threshold else "medium"].append(c)
+    return groups
+
+
 def long_tailed_subset(dataset, imbalance_ratio, seed=0):
     """Keep the first n_i images of class i after a seeded shuffle within each class
     (n_max = the smallest class size, 5000 on CIFAR-10). Returns a ``LabeledSubset``
@@ -497,8 +508,24 @@ def long_tailed_subset(dataset, imbalance_ratio, seed=0):
 # ----------------------------------------------------------------------------------
 # Loaders per format
 # ----------------------------------------------------------------------------------
-def load_cifar(name, root, download, transforms):
+CIFAR_ARCHIVES = {"cifar10": ("cifar-10-python.tar.gz", "170 MB", "cifar-10-batches-py"),
+                  "cifar100": ("cifar-100-python.tar.gz", "169 MB", "cifar-100-python")}
+
+
+def load_cifar(name, root, download, transforms, fetch_if_missing=False):
+    """torchvision's CIFAR-10 / CIFAR-100 under ``root``. Missing: fetched with
+    ``download``, or, with ``fetch_if_missing`` (no --data-path given: the default
+    ./data), fetched once after saying where and how big, as SupContrast or
+    pytorch-cifar do; else one line saying how to get it."""
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    archive, size, folder = CIFAR_ARCHIVES[name]
+    try:
+        if download or fetch_if_missing:
+            cls(root, train=True, download=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        download = True
+        print(f"{name} not found in {os.path.abspath(root)}: downloading it there ({archive}, {size}) once",
+              flush=True)
     try:
         train = cls(root, train=True, transform=transforms[0], download=download)
         test = cls(root, train=False, transform=transforms[1], download=download)
@@ -506,8 +533,8 @@ def load_cifar(name, root, download, transforms):
         raise DataError(f"{name} not found under {os.path.abspath(root)}: pass --download to fetch "
                         f"it, or --data-path DIR where it already is ({e})") from None
     except OSError as e:  # no network while downloading
-        raise DataError(f"could not download {name} into {os.path.abspath(root)} ({e}); "
-                        f"download it elsewhere and pass --data-path DIR") from None
+        raise DataError(f"could not download {name} into {os.path.abspath(root)} (no network? {e}); fetch "
+                        f"{cls.url} elsewhere, unpack it so that DIR/{folder} exists, pass --data-path DIR") from None
     return train, test, len(train.classes)
 
 
@@ -791,7 +818,9 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     if imbalance_ratio is not None and not small:
         raise DataError(f"--imbalance-ratio applies to cifar10, cifar100 and npz, not to --dataset {name}")
     if name in ("cifar10", "cifar100"):
-        sets = load_cifar(name, data_path or "./data", download, cifar_transforms(normalize, image_size))
+        # no --data-path: ./data, fetched on first use; a path the user gave is never written to unasked
+        sets = load_cifar(name, data_path or "./data", download, cifar_transforms(normalize, image_size),
+                          fetch_if_missing=data_path is None)
         return _long_tailed(sets, imbalance_ratio, split_seed)
     if data_path is None:
         raise DataError(f"--dataset {name} needs --data-path")
@@ -806,11 +835,11 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
         train.transform, test.transform = cifar_transforms(normalize, image_size, stored)  # resize if not image_size
         return _long_tailed((train, test, num_classes), imbalance_ratio, split_seed)
     if name == "imagefolder":
-        sets = load_imagefolder(data_path, lfw_transforms(image_size, normalize))
+        sets = load_imagefolder(data_path, resized_crop_transforms(image_size, normalize))
     elif name == "inat":
-        sets = load_inat(data_path, lfw_transforms(image_size, normalize))
+        sets = load_inat(data_path, resized_crop_transforms(image_size, normalize))
     elif name == "lfw":
-        sets = load_lfw(data_path, lfw_transforms(image_size, normalize), lfw_top_k, split_seed)
+        sets = load_lfw(data_path, resized_crop_transforms(image_size, normalize), lfw_top_k, split_seed)
     elif name == "nabirds":
         sets = load_nabirds(data_path, cub_transforms(image_size, normalize))
     elif name == "dogs":
@@ -1186,3 +1215,113 @@ class TensorLoader:
             x = batched_grayscale(x, p=self.grayscale, generator=self.generator, shard=self.shard)
         return normalize_(x, self.mean, self.std)
 
+
+# ----------------------------------------------------------------------------------
+# Training and test loaders: one stream, or the hybrid network's two
+# ----------------------------------------------------------------------------------
+def use_tensor_loader(train_set, loader="auto"):
+    """``loader`` "auto" picks the tensor-resident loader when the training set is a
+    uint8 array at its training size (cifar10/100, npz, their long-tailed subsets);
+    "tensor" insists on it, "torch" never uses it."""
+    fits = can_use_tensor_loader(train_set)
+    if loader == "tensor" and not fits:
+        size = stored_size(train_set)
+        fix = (f"pass --image-size {size[0]} (its stored size) or --loader torch" if size and size[0] == size[1]
+               else "pass --loader torch")
+        raise DataError(f"--loader tensor needs an in-memory uint8 dataset trained at its stored size "
+                        f"(cifar10, cifar100, npz): {fix}")
+    return loader == "tensor" or (loader == "auto" and fits)
+
+
+def make_train_loader(train_set, batch_size, device, seed, loader="auto", sampler="instance", workers=2,
+                      normalize="cifar", two_streams=False, positives=0, image_size=32, small=True,
+                      rank=0, world_size=1):
+    """Shuffled with ``ResumableSampler`` and augmented per sample from its own seed
+    (``PerSampleSeed``), so a resumed run sees the same batches. With the tensor
+    loader (``TensorLoader``, see ``use_tensor_loader``) the whole uint8 set sits on
+    ``device`` and each batch is augmented there in a few batched ops, from a seed of
+    the batch. In a distributed run each process draws every ``world_size``-th
+    sample. ``sampler="class-balanced"`` replaces the shuffled order with
+    ``ClassBalancedSampler``.
+
+    ``two_streams`` (the hybrid network, Wang et al. 2021) yields per iteration
+    ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))): the
+    contrastive branch's instance-sampled images (in groups of ``positives``
+    same-class images with ``PositivesSampler`` when > 0), two views each
+    (``hybrid_transforms``), and the CE branch's class-balanced batch
+    (``ClassBalancedSampler``) of single views. Both streams have
+    len(train_set) // batch_size batches per epoch. ``small``: 32-px images (CIFAR's
+    crop). Returns (loader, sampler), the sampler to ``set_epoch``."""
+    if batch_size * world_size > len(train_set):
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        raise DataError(f"--batch-size {batch_size}{per} is larger than the training set "
+                        f"({len(train_set)} images); pass a smaller --batch-size")
+    order = ResumableSampler(len(train_set), seed, world_size, rank)
+    if not two_streams and sampler == "class-balanced":
+        order = ClassBalancedSampler(train_set.targets, seed, num_replicas=world_size, rank=rank)
+    tensor = use_tensor_loader(train_set, loader)
+    if tensor:
+        shared = [t.to(device) for t in dataset_uint8(train_set)]  # one copy of the set for both streams
+
+        def tensor_loader(order, **augment):
+            return TensorLoader(train_set, batch_size, device, *NORMALIZATIONS[normalize], order, seed,
+                                num_replicas=world_size, rank=rank, tensors=shared, **augment)
+
+    def torch_loader(dataset, order):
+        return torch.utils.data.DataLoader(
+            PerSampleSeed(dataset), batch_size=batch_size, sampler=order, num_workers=workers,
+            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))  # worker seeds never touch the global RNG
+    if not two_streams:
+        return (tensor_loader(order) if tensor else torch_loader(train_set, order)), order
+    balanced = ClassBalancedSampler(train_set.targets, seed, num_replicas=world_size, rank=rank)
+    if positives:  # the contrastive stream in groups of same-class images (many classes, small batches)
+        try:
+            order = PositivesSampler(train_set.targets, positives, batch_size * world_size, seed, world_size, rank)
+        except ValueError as e:
+            raise DataError(f"--positives {positives}: {e}") from None
+    if tensor:
+        streams = [tensor_loader(order, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
+        return ZippedLoaders(streams), ZippedSamplers([order, balanced])
+    ce_transform, two_views = hybrid_transforms(normalize, image_size, small, stored_size(train_set) or (32, 32))
+    streams = [torch_loader(with_transform(train_set, two_views), order),
+               torch_loader(with_transform(train_set, ce_transform), balanced)]
+    return ZippedLoaders(streams), ZippedSamplers([order, balanced])
+
+
+class ZippedLoaders:
+    """Iterate several loaders in step: yields a tuple with one batch of each."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self):
+        return min(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        return zip(*self.loaders)
+
+
+class ZippedSamplers:
+    """``set_epoch`` for every sampler of a ``ZippedLoaders``."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch, start=0):
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch, start)
+
+
+def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1, normalize=None):
+    """Batches of ``test_set`` in order. With ``normalize`` (the run's normalisation
+    name) and a set that ``can_use_tensor_loader`` accepts, a ``TensorEvalLoader``
+    (the set on the device, no PIL); else a DataLoader. In a distributed run each
+    process takes every world_size-th image; the caller sums the counts."""
+    if normalize is not None and can_use_tensor_loader(test_set):
+        return TensorEvalLoader(test_set, batch_size, device, *NORMALIZATIONS[normalize], rank, world_size)
+    if world_size > 1:
+        test_set = torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
+    return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0))

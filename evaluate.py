@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 from train import build_model_from_args, evaluate, get_args_parser as train_args_parser
 from utils import AT_LEAST_1, COUNT, SMALL_DATASETS, OneLineErrorParser, build_datasets_from_args, \
-    load_checkpoint, load_state_checked, make_test_loader, resolve_device, run_with_one_line_errors, \
+    load_checkpoint, load_state_checked, resolve_device, run_with_one_line_errors, \
     split_off_validation, stage_list, strict_json
 
 
@@ -251,8 +251,8 @@ def main(args):
     train_set, test_set, num_classes = build_datasets_from_args(train_args)
     train_set, _ = split_off_validation(train_args, train_set, test_set)  # many / medium / few: what it trained on
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
-    test_loader = make_test_loader(test_set, args.batch_size, args.workers, device,  # on the device when it fits
-                                   normalize=train_args.normalize or data.DEFAULT_NORMALIZE[train_args.dataset])
+    test_loader = data.make_test_loader(test_set, args.batch_size, args.workers, device,  # on the device when it fits
+                                        normalize=train_args.normalize or data.DEFAULT_NORMALIZE[train_args.dataset])
     model = build_model_from_args(train_args, num_classes, load_weights=False)
     load_state_checked(model, ckpt["model"], args.checkpoint, train_args.model)
     model.to(device)

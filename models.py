@@ -42,6 +42,8 @@ torchvision backbones: resnet18 / resnet34 / resnet50 / mobilenet_v2 and
 swin_t / swin_s / swin_b / swin_l (swin_l = embed 192, depths 2,2,18,2,
 heads 6,12,24,48, built with torchvision's ``SwinTransformer`` class).
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -544,6 +546,49 @@ class DeeplySupervised(nn.Module):
         out = self.backbone(x)
         out["aux_logits"] = [head(out["stages"][s]) for s, head in zip(self.aux_stages, self.aux_heads)]
         return out
+
+
+def probe_gradients(model, step, loader, sampler, scheduler, iterations, threshold, path):
+    """The rule for placing the auxiliary classifier (Wang et al. 2015, as the deep-supervision
+    explainer gives it): train ``iterations`` steps, record the mean |gradient| of every
+    conv / linear weight of the backbone after
+    each backward pass, and attach the head after the stage holding the deepest layer
+    whose mean falls below ``threshold`` (1e-7 in the paper). Writes ``path``
+    (gradient_probe.csv: iteration, layer, stage, mean_abs_grad)."""
+    backbone = getattr(model, "backbone", model)
+    prefix = "backbone." if backbone is not model else ""
+    stage_of = parameter_stages(backbone)
+    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sums = {name: 0.0 for name, _ in layers}
+    model.train()
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,layer,stage,mean_abs_grad\n")
+        iteration, epoch = 0, 0
+        while iteration < iterations:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                step(batch)  # the gradients stay in .grad after the optimizer step
+                for name, module in layers:
+                    mean_abs = module.weight.grad.abs().mean().item() if module.weight.grad is not None else 0.0
+                    sums[name] += mean_abs
+                    f.write(f"{iteration},{prefix}{name},{stage_of[name + '.weight']},{mean_abs:.6e}\n")
+                scheduler.step()
+                iteration += 1
+                if iteration >= iterations:
+                    break
+            epoch += 1
+    os.replace(path + ".tmp", path)
+    means = {name: total / iterations for name, total in sums.items()}
+    vanishing = [name for name, _ in layers if means[name] < threshold]
+    print(f"wrote {path}: {len(layers)} layers x {iterations} iterations", flush=True)
+    print(f"layers with mean |grad| < {threshold:g}: "
+          + (", ".join(f"{n} ({means[n]:.2e})" for n in vanishing) or "none"), flush=True)
+    if vanishing:
+        deepest = stage_of[vanishing[-1] + ".weight"]
+        stage = min(deepest, len(backbone.stage_channels) - 2)  # the last stage holds the main classifier
+        print(f"deepest vanishing layer {vanishing[-1]} is in stage {deepest}: "
+              f"attach the auxiliary head after stage {stage} (--deep-sup {stage})", flush=True)
+    return means
 
 
 # ----------------------------------------------------------------------------------

@@ -254,6 +254,13 @@ def test_load_partial_state_dict_skips_the_mismatched_head():
 # ----------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------
+def _train_loader(args, train_set, device=torch.device("cpu")):
+    """data.make_train_loader with the run's flags, as train.build passes them."""
+    return data.make_train_loader(
+        train_set, args.batch_size, device, args.seed, args.loader, args.sampler, args.workers, args.normalize,
+        args.loss in train.HYBRID_LOSSES, args.positives, args.image_size, args.dataset in data.SMALL_DATASETS)
+
+
 def _write_npz(path, n_train=40, n_test=20, classes=4, side=32, **override):
     rng = np.random.default_rng(0)
     arrays = dict(x_train=rng.integers(0, 256, (n_train, side, side, 3), dtype=np.uint8),
@@ -295,11 +302,10 @@ def test_npz_dataset_and_malformed_file():
                  "--batch-size", "4", "--workers", "0"]
         args = train.parse_args(flags + ["--loss", "hybrid-sc"])  # the hybrid's two DataLoader streams too
         train_set = utils.build_datasets_from_args(args)[0]
-        (views, _), (ce_batch, _) = next(iter(utils.make_train_loader(args, train_set, torch.device("cpu"),
-                                                                      two_streams=True)[0]))
+        (views, _), (ce_batch, _) = next(iter(_train_loader(args, train_set)[0]))
         assert views.shape == (4, 2, 3, 32, 32) and ce_batch.shape == (4, 3, 32, 32)
         args = train.parse_args(flags + ["--loader", "tensor"])
-        _expect_data_error(lambda: utils.use_tensor_loader(args, train_set), "pass --image-size 16 (its stored size)")
+        _expect_data_error(lambda: data.use_tensor_loader(train_set, args.loader), "pass --image-size 16 (its stored size)")
         mixed = _write_npz(os.path.join(d, "mixed.npz"), x_test=np.zeros((20, 40, 40, 3), np.uint8))
         _expect_data_error(lambda: data.build_datasets("npz", mixed), "store both at one size")
 
@@ -309,7 +315,7 @@ def _expect_data_error(fn, fragment):
         fn()
     except data.DataError as e:
         assert fragment in str(e) and "\n" not in str(e), str(e)
-        return
+        return str(e)
     raise AssertionError("no DataError raised")
 
 
@@ -394,6 +400,38 @@ def test_imagefolder_dataset():
 def test_missing_cifar_says_download():
     with tmpdir() as d:
         _expect_data_error(lambda: data.build_datasets("cifar10", d), "--download")
+
+
+def test_cifar_without_data_path_is_fetched_on_first_use_and_no_network_is_one_line():
+    """No --data-path: CIFAR is fetched into ./data on first use (said first, with the
+    size); without a network, one line that says how to point at a local copy. A path the
+    user gave, or a file dataset, is never downloaded into. The download is replaced by one
+    that fails as urllib does offline, so the test never touches the network."""
+    import urllib.error
+    calls = []
+
+    def offline(self):
+        calls.append(self.root)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    real = torchvision.datasets.CIFAR10.download
+    torchvision.datasets.CIFAR10.download = offline
+    try:
+        with tmpdir() as d, contextlib.redirect_stdout(io.StringIO()) as out:
+            cwd = os.getcwd()
+            os.chdir(d)
+            try:
+                message = _expect_data_error(lambda: data.build_datasets("cifar10"), "--data-path DIR")
+                assert calls == ["./data"] and "no network?" in message and "\n" not in message, message
+                assert "cifar-10-batches-py" in message and "cifar-10-python.tar.gz" in message
+                assert out.getvalue().startswith(f"cifar10 not found in {os.path.join(os.getcwd(), 'data')}: "
+                                                 f"downloading it there (cifar-10-python.tar.gz, 170 MB) once")
+                _expect_data_error(lambda: data.build_datasets("cifar10", "given"), "pass --download")
+                _expect_data_error(lambda: data.build_datasets("npz", "x.npz"), "--data-path")
+                assert calls == ["./data"]  # the given folder and the file dataset fetched nothing
+            finally:
+                os.chdir(cwd)
+    finally:
+        torchvision.datasets.CIFAR10.download = real
 
 
 def test_shared_real_data_if_present():
@@ -694,8 +732,8 @@ def test_tensor_evaluation_equals_the_dataloader_path():
         torch.manual_seed(0)
         for model in (models.build_model("resnet20", 3), models.build_model("resnet20", 3, heads=[1, 2], head_width=8)):
             for dataset in (test_set, val_set):
-                tensor = utils.make_test_loader(dataset, 8, 0, torch.device("cpu"), normalize="cifar")
-                loader = utils.make_test_loader(dataset, 8, 0, torch.device("cpu"))
+                tensor = data.make_test_loader(dataset, 8, 0, torch.device("cpu"), normalize="cifar")
+                loader = data.make_test_loader(dataset, 8, 0, torch.device("cpu"))
                 assert isinstance(tensor, data.TensorEvalLoader) and isinstance(loader, torch.utils.data.DataLoader)
                 for flip in (None, "v"):
                     a = train.evaluate(model, tensor, torch.device("cpu"), 3, [20, 15, 10], 14, 11, flip=flip)
@@ -905,7 +943,10 @@ def test_gradient_probe_csv_and_deep_sup_training():
                                               "--output-dir", out]))
         last = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
         assert {"train_aux", "test_aux_top1_stage0", "test_aux_top1_stage1"} <= set(last)
-        assert last["aux_weight"] == 0.3 * (1 - 1 / 2)
+        assert last["aux_weight"] == 0.3 * (1 - 1 / 2) and last["alpha"] is None  # alpha: hybrid runs only
+        plain = os.path.join(d, "plain")  # no auxiliary head: the column is null, not the unused schedule's value
+        train.main(train.parse_args(common + ["--epochs", "1", "--output-dir", plain]))
+        assert json.loads(open(os.path.join(plain, "metrics.jsonl")).readline())["aux_weight"] is None
         r = _run("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--json", "--workers", "0")
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["aux_top1_stage1"] == last["test_aux_top1_stage1"], r.stderr
@@ -1752,7 +1793,7 @@ def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_s
                 args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--batch-size", "50", "--workers",
                                          "0", "--loader", loader, "--sampler", sampler, "--device", "cpu"])
                 train_set = utils.build_datasets_from_args(args)[0]
-                batches, order = utils.make_train_loader(args, train_set, torch.device("cpu"))
+                batches, order = _train_loader(args, train_set)
                 labels = []
                 for epoch in range(4):
                     order.set_epoch(epoch)
@@ -1865,8 +1906,7 @@ def test_positives_sampler_resumes_and_shards_into_the_global_batch():
         for m, grouped in ((2, True), (0, False)):
             args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--loss", "hybrid-sc", "--recipe", "none",
                                      "--batch-size", "12", "--positives", str(m)])
-            loader, sampler = utils.make_train_loader(args, utils.build_datasets_from_args(args)[0], torch.device("cpu"),
-                                                      two_streams=True)
+            loader, sampler = _train_loader(args, utils.build_datasets_from_args(args)[0])
             sampler.set_epoch(0)
             batches = [labels.tolist() for (_, labels), _ in loader]
             assert all(all(b.count(c) >= 2 for c in b) for b in batches) == grouped, (m, batches)

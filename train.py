@@ -64,9 +64,9 @@ RECIPES.update({
 })
 # Wang et al.'s CE row (70.36 at beta 100) is Cao et al. 2019's (LDAM-DRW) CE run, from its public
 # cifar_train.py: lr x (e+1)/5 in epochs 0-4, x0.01 from 160, x0.0001 from 180. It reports the best epoch.
-RECIPES["ldam-ce-cifar10lt"] = dict(
-    model="resnet32", dataset="cifar10", loss="ce", imbalance_ratio=100.0, batch_size=128, lr=0.1, momentum=0.9,
-    wd=2e-4, epochs=200, warmup_epochs=5, milestones=[160, 180], gamma=0.01, normalize="ldam")
+RECIPES["ldam-ce-cifar10lt"] = dict(model="resnet32", dataset="cifar10", loss="ce", imbalance_ratio=100.0,
+                                    batch_size=128, lr=0.1, momentum=0.9, wd=2e-4, epochs=200, warmup_epochs=5,
+                                    milestones=[160, 180], gamma=0.01, normalize="ldam")
 # Yu et al. 2023 (MKSMT): Swin-L with ImageNet-22K weights (--weights, the official release, e.g.
 # swin_large_patch4_window7_224_22k.pth), OPM heads on S3 and S4, two-step training, decision
 # distillation with T = 1, lambda1 = lambda2 = 1. not in the paper (its Tables 2-3 are images):
@@ -373,7 +373,7 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
     present = [t > 0 for t in class_total]
     shots = {}
     if train_counts is not None:
-        for group, classes in utils.shot_groups(train_counts, many_threshold, few_threshold).items():
+        for group, classes in data.shot_groups(train_counts, many_threshold, few_threshold).items():
             classes = [c for c in classes if present[c]]
             shots[f"{group}_top1"] = sum(per_class[c] for c in classes) / len(classes) if classes else None
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
@@ -402,13 +402,6 @@ def build(args, rank, world_size, device):
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     train_set, test_set, num_classes = utils.build_datasets_from_args(args)
     train_set, val_set = utils.split_off_validation(args, train_set, test_set)
-    if args.skip_corrupt:
-        dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
-        print(f"--skip-corrupt: dropped {len(dropped)} unreadable images" + "".join(f" (e.g. {d})" for d in dropped[:1]))
-    if args.batch_size * world_size > len(train_set):
-        per = f" x {world_size} processes" if world_size > 1 else ""
-        raise data.DataError(f"--batch-size {args.batch_size}{per} is larger than the training set "
-                             f"({len(train_set)} images); pass a smaller --batch-size")
     try:
         model = build_model_from_args(args, num_classes).to(device)
     except (ValueError, OSError, RuntimeError) as e:  # bad option, missing --weights file, no network
@@ -424,21 +417,19 @@ def build(args, rank, world_size, device):
                                                   args.compile, unused_parameters=args.loss == "mksmt")
     optimizer = build_optimizer(args, model, criterion)  # after channels-last: buffers take the weights' strides
     train_criterion = utils.prepare_criterion(criterion, world_size)
-    train_loader, sampler = utils.make_train_loader(args, train_set, device, rank, world_size,
-                                                    two_streams=args.loss in HYBRID_LOSSES)
+    train_loader, sampler = data.make_train_loader(
+        train_set, args.batch_size, device, args.seed, args.loader, args.sampler, args.workers, args.normalize,
+        args.loss in HYBRID_LOSSES, args.positives, args.image_size, args.dataset in data.SMALL_DATASETS, rank, world_size)
     eval_normalize = None if args.loader == "torch" else args.normalize
-    eval_loaders = {name: utils.make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
-                                                 device, rank, world_size, eval_normalize)
+    eval_loaders = {name: data.make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
+                                                device, rank, world_size, eval_normalize)
                     for name, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
     iters_per_epoch = len(train_set) // (args.batch_size * world_size)
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
-    summary = (f"{args.model}: {models.count_parameters(model) / 1e6:.3f}M parameters; {len(train_set)} train / "
-               + (f"{len(val_set)} validation / " if val_set is not None else "")
-               + f"{len(test_set)} test images, {num_classes} classes; {iters_per_epoch} iterations per epoch, "
-               f"{total_iters} in all ({epochs} epochs) on {device}"
-               + (f" x {world_size} processes" if world_size > 1 else "")
-               + f"; loader {'tensor' if utils.use_tensor_loader(args, train_set) else 'torch'}")
+    summary = utils.run_summary(args.model, models.count_parameters(model), (train_set, val_set, test_set), num_classes,
+                                (iters_per_epoch, total_iters, epochs), device, world_size,
+                                "tensor" if data.use_tensor_loader(train_set, args.loader) else "torch")
     return dict(model=model, train_model=train_model, eval_model=eval_model, criterion=criterion,
                 train_criterion=train_criterion,
                 optimizer=optimizer, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
@@ -456,8 +447,7 @@ def train(args, rank, world_size, device):
     resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler, rank)
     if rank == 0:
         utils.prepare_output_dir(args, resumed and ckpt["iteration"], resumed, utils.environment(device, world_size))
-    print(config_line(args), flush=True)
-    print(b["summary"], flush=True)
+    print(config_line(args), b["summary"], sep="\n", flush=True)
     iters_per_epoch, total_iters, epochs = b["iters_per_epoch"], b["total_iters"], b["epochs"]
     ckpt_path, metrics_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pth", "metrics.jsonl"))
     run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
@@ -473,8 +463,8 @@ def train(args, rank, world_size, device):
                                                               args.aux_stop)
     if args.probe_gradients:
         step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, aux_weight(0))
-        utils.probe_gradients(b["model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
-                              args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
+        models.probe_gradients(b["model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
+                               args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
         return 0
     result = None
     try:
@@ -483,7 +473,7 @@ def train(args, rank, world_size, device):
                 b["sampler"].set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
                 alpha = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha) \
                     if args.loss in HYBRID_LOSSES else None
-                weight = aux_weight(epoch)
+                weight = aux_weight(epoch) if args.deep_sup else None  # None: no head, null in metrics.jsonl
                 step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, weight, alpha)
                 train_stats = train_one_epoch(b["train_model"], criterion, step, b["train_loader"], optimizer, scheduler,
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))

@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-import models
 
 
 # ----------------------------------------------------------------------------------
@@ -102,7 +101,8 @@ def add_data_arguments(parser):
                    help="tensor: the uint8 training set lives on the device and batches are augmented "
                         "there in batched ops; torch: DataLoader + PIL transforms; auto: tensor when it fits")
     group("downloads", ("--dataset cifar10 or cifar100", lambda a: a.dataset in ("cifar10", "cifar100"))).add_argument(
-        "--download", action="store_true", help="download CIFAR with torchvision")
+        "--download", action="store_true",
+        help="download CIFAR into --data-path (without --data-path it is fetched into ./data when missing)")
     g = group("long-tailed data", ("--dataset cifar10, cifar100 or npz", lambda a: a.dataset in SMALL_DATASETS))
     g.add_argument("--imbalance-ratio", type=ranged(float, ">= 1", lambda v: v >= 1), metavar="BETA",
                    help="make the training set long-tailed: n_max/n_min = BETA")
@@ -771,6 +771,16 @@ def environment(device, world_size):
             "processes": world_size, "threads": torch.get_num_threads()}
 
 
+def run_summary(model_name, num_parameters, sets, num_classes, schedule, device, world_size, loader):
+    """The line a run prints before training: model, data sizes, schedule, device, loader."""
+    (train_set, val_set, test_set), (iters_per_epoch, total_iters, epochs) = sets, schedule
+    return (f"{model_name}: {num_parameters / 1e6:.3f}M parameters; {len(train_set)} train / "
+            + (f"{len(val_set)} validation / " if val_set is not None else "")
+            + f"{len(test_set)} test images, {num_classes} classes; {iters_per_epoch} iterations per epoch, "
+            f"{total_iters} in all ({epochs} epochs) on {device}"
+            + (f" x {world_size} processes" if world_size > 1 else "") + f"; loader {loader}")
+
+
 def prepare_output_dir(args, resumed_at=None, resumed_from=None, environment=None):
     """Create --output-dir, write config.json (every resolved flag, plus ``environment``
     under that key; a resumed segment rewrites it), and remove its metrics.jsonl (a
@@ -835,11 +845,16 @@ def strict_json(value):
 # Data loaders: resumable order, per-sample augmentation seeds, tensor-resident batches
 # ----------------------------------------------------------------------------------
 def build_datasets_from_args(args):
-    return data.build_datasets(
+    """data.build_datasets with the run's flags; with --skip-corrupt, says how many images it dropped."""
+    train_set, test_set, num_classes = data.build_datasets(
         args.dataset, args.data_path, download=args.download, image_size=args.image_size,
         normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
         split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False),
         imbalance_ratio=getattr(args, "imbalance_ratio", None))
+    if getattr(args, "skip_corrupt", False):
+        dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
+        print(f"--skip-corrupt: dropped {len(dropped)} unreadable images" + "".join(f" (e.g. {d})" for d in dropped[:1]))
+    return train_set, test_set, num_classes
 
 
 def split_off_validation(args, train_set, test_set):
@@ -848,114 +863,6 @@ def split_off_validation(args, train_set, test_set):
     if not getattr(args, "val_split", 0):
         return train_set, None
     return data.validation_split(train_set, args.val_split, args.split_seed, test_set.transform)
-
-
-def use_tensor_loader(args, train_set):
-    """--loader auto picks the tensor-resident loader when the training set is a
-    uint8 array at its training size (cifar10/100, npz, their long-tailed subsets)."""
-    fits = data.can_use_tensor_loader(train_set)
-    if args.loader == "tensor" and not fits:
-        size = data.stored_size(train_set)
-        fix = (f"pass --image-size {size[0]} (its stored size) or --loader torch" if size and size[0] == size[1]
-               else "pass --loader torch")
-        raise data.DataError(f"--loader tensor needs an in-memory uint8 dataset trained at its stored size "
-                             f"(cifar10, cifar100, npz): {fix}")
-    return args.loader == "tensor" or (args.loader == "auto" and fits)
-
-
-def make_train_loader(args, train_set, device, rank=0, world_size=1, two_streams=False):
-    """Shuffled with ``data.ResumableSampler`` and augmented per sample from its own
-    seed (``data.PerSampleSeed``), so a resumed run sees the same batches. With
-    the tensor loader (``data.TensorLoader``) the whole uint8 set sits on
-    ``device`` and each batch is augmented there in a few batched ops, from a
-    seed of the batch. In a distributed run each process draws every
-    ``world_size``-th sample. ``--sampler class-balanced`` replaces the shuffled
-    order with ``data.ClassBalancedSampler``.
-
-    ``two_streams`` (the hybrid losses) yields per iteration ((views (B, 2, 3, H, W),
-    labels (B,)), (images (B', 3, H, W), labels (B',))): the contrastive branch's
-    instance-sampled images (in groups of ``--positives`` same-class images with
-    ``data.PositivesSampler``), two views each, and the CE branch's class-balanced
-    batch (``data.ClassBalancedSampler``) of single views. Both streams have
-    len(train_set) // batch_size batches per epoch. Returns (loader, sampler)."""
-    sampler = data.ResumableSampler(len(train_set), args.seed, world_size, rank)
-    if not two_streams and args.sampler == "class-balanced":
-        sampler = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
-    tensor = use_tensor_loader(args, train_set)
-    if tensor:
-        shared = [t.to(device) for t in data.dataset_uint8(train_set)]  # one copy of the set for both streams
-
-        def tensor_loader(sampler, **augment):
-            return data.TensorLoader(train_set, args.batch_size, device, *data.NORMALIZATIONS[args.normalize],
-                                     sampler, args.seed, num_replicas=world_size, rank=rank, tensors=shared,
-                                     **augment)
-    if not two_streams:
-        if tensor:
-            return tensor_loader(sampler), sampler
-        return _loader(args, data.PerSampleSeed(train_set), sampler, device), sampler
-    balanced = data.ClassBalancedSampler(train_set.targets, args.seed, num_replicas=world_size, rank=rank)
-    if args.positives:  # the contrastive stream in groups of same-class images (many classes, small batches)
-        try:
-            sampler = data.PositivesSampler(train_set.targets, args.positives, args.batch_size * world_size,
-                                            args.seed, world_size, rank)
-        except ValueError as e:
-            raise data.DataError(f"--positives {args.positives}: {e}") from None
-    if tensor:
-        streams = [tensor_loader(sampler, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
-        return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
-    small = args.dataset in SMALL_DATASETS
-    ce_transform, two_views = data.hybrid_transforms(args.normalize, args.image_size, small,
-                                                     data.stored_size(train_set) or (32, 32))
-    streams = [_loader(args, data.PerSampleSeed(data.with_transform(train_set, two_views)), sampler, device),
-               _loader(args, data.PerSampleSeed(data.with_transform(train_set, ce_transform)), balanced, device)]
-    return ZippedLoaders(streams), ZippedSamplers([sampler, balanced])
-
-
-def _loader(args, dataset, sampler, device):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler,
-        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))  # worker seeds never touch the global RNG
-
-
-class ZippedLoaders:
-    """Iterate several loaders in step: yields a tuple with one batch of each."""
-
-    def __init__(self, loaders):
-        self.loaders = loaders
-
-    def __len__(self):
-        return min(len(loader) for loader in self.loaders)
-
-    def __iter__(self):
-        return zip(*self.loaders)
-
-
-class ZippedSamplers:
-    """``set_epoch`` for every sampler of a ``ZippedLoaders``."""
-
-    def __init__(self, samplers):
-        self.samplers = samplers
-
-    def set_epoch(self, epoch, start=0):
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch, start)
-
-
-def make_test_loader(test_set, batch_size, workers, device, rank=0, world_size=1, normalize=None):
-    """Batches of ``test_set`` in order. With ``normalize`` (the run's normalisation
-    name) and a set that ``data.can_use_tensor_loader`` accepts, a
-    ``data.TensorEvalLoader`` (the set on the device, no PIL); else a DataLoader.
-    In a distributed run each process takes every world_size-th image; evaluate()
-    sums the counts."""
-    if normalize is not None and data.can_use_tensor_loader(test_set):
-        return data.TensorEvalLoader(test_set, batch_size, device, *data.NORMALIZATIONS[normalize], rank, world_size)
-    if world_size > 1:
-        test_set = torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
-    return torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False,
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------------
@@ -1073,54 +980,3 @@ def prepare_criterion(criterion, world_size):
 # ----------------------------------------------------------------------------------
 # Diagnostics: deep supervision's gradient probe, long-tail class groups
 # ----------------------------------------------------------------------------------
-def probe_gradients(model, step, loader, sampler, scheduler, iterations, threshold, path):
-    """The rule for placing the auxiliary classifier (Wang et al. 2015, as the deep-supervision
-    explainer gives it): train ``iterations`` steps, record the mean |gradient| of every
-    conv / linear weight of the backbone after
-    each backward pass, and attach the head after the stage holding the deepest layer
-    whose mean falls below ``threshold`` (1e-7 in the paper). Writes ``path``
-    (gradient_probe.csv: iteration, layer, stage, mean_abs_grad)."""
-    backbone = getattr(model, "backbone", model)
-    prefix = "backbone." if backbone is not model else ""
-    stage_of = models.parameter_stages(backbone)
-    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    sums = {name: 0.0 for name, _ in layers}
-    model.train()
-    with open(path + ".tmp", "w") as f:
-        f.write("iteration,layer,stage,mean_abs_grad\n")
-        iteration, epoch = 0, 0
-        while iteration < iterations:
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                step(batch)  # the gradients stay in .grad after the optimizer step
-                for name, module in layers:
-                    mean_abs = module.weight.grad.abs().mean().item() if module.weight.grad is not None else 0.0
-                    sums[name] += mean_abs
-                    f.write(f"{iteration},{prefix}{name},{stage_of[name + '.weight']},{mean_abs:.6e}\n")
-                scheduler.step()
-                iteration += 1
-                if iteration >= iterations:
-                    break
-            epoch += 1
-    os.replace(path + ".tmp", path)
-    means = {name: total / iterations for name, total in sums.items()}
-    vanishing = [name for name, _ in layers if means[name] < threshold]
-    print(f"wrote {path}: {len(layers)} layers x {iterations} iterations", flush=True)
-    print(f"layers with mean |grad| < {threshold:g}: "
-          + (", ".join(f"{n} ({means[n]:.2e})" for n in vanishing) or "none"), flush=True)
-    if vanishing:
-        deepest = stage_of[vanishing[-1] + ".weight"]
-        stage = min(deepest, len(backbone.stage_channels) - 2)  # the last stage holds the main classifier
-        print(f"deepest vanishing layer {vanishing[-1]} is in stage {deepest}: "
-              f"attach the auxiliary head after stage {stage} (--deep-sup {stage})", flush=True)
-    return means
-
-
-def shot_groups(train_counts, many_threshold=100, few_threshold=20):
-    """{"many": [classes], "medium": [...], "few": [...]}: classes with more than
-    ``many_threshold`` training images, ``few_threshold`` to ``many_threshold``,
-    and fewer than ``few_threshold`` (the usual long-tail split: > 100, 20-100, < 20)."""
-    groups = {"many": [], "medium": [], "few": []}
-    for c, n in enumerate(train_counts):
-        groups["many" if n > many_threshold else "few" if n < few_threshold else "medium"].append(c)
-    return groups
