@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Seed 003 study: hybrid network vs CE on the CIFAR-10 subset made long-tailed,
-# at an informative CPU budget. results/README.md section "Seed 003 study".
+# The hybrid study: hybrid network vs CE on the CIFAR-10 subset made long-tailed,
+# at an informative CPU budget. results/README.md section
+# "Hybrid network on a long-tailed CIFAR-10 subset: does it beat CE, and is it the sampler?".
 #
-#   bash results/run_hybrid_study.sh METHOD BETA SEED...
+#   bash results/hybrid-cifar10lt-subset/run.sh METHOD BETA SEED...
 #   # METHOD: ce, ce-balanced, sc, psc; ce-3x, ce-balanced-3x (compute-matched, see below)
 #
 # Data: the CIFAR-10 subset (1,000 training images per class) cut to n_i = 1000 * beta^(-i/9)
@@ -25,9 +26,9 @@
 # CE) run in fp32 on the cast-up outputs. One torch thread per run (OMP_NUM_THREADS=1), two runs
 # side by side. EPOCHS=N overrides the length (smoke tests only).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}
-OUT=results/hybrid-study
+OUT=results/hybrid-cifar10lt-subset
 export OMP_NUM_THREADS=1
 method=$1; beta=$2; shift 2
 epochs=${EPOCHS:-30}

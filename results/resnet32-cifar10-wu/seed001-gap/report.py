@@ -1,10 +1,10 @@
-"""Table of the seed-001 gap runs (results/seed001-gap/run.sh): last evaluation, train CE of
+"""Table of the seed-001 gap runs (results/resnet32-cifar10-wu/seed001-gap/run.sh): last evaluation, train CE of
 the last epoch, mean img/s of the log's progress windows; then mean +- sample std over seeds
 per variant, and the paired differences (same seed, so same initialisation and batch order)
 of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
 shifted-bf16 (the second), with their mean +- std and standard error.
 
-    python results/seed001-gap/report.py > results/seed001-gap/report.txt
+    python results/resnet32-cifar10-wu/seed001-gap/report.py > results/resnet32-cifar10-wu/seed001-gap/report.txt
 """
 import glob
 import json

@@ -1,7 +1,7 @@
 """JPEG settings of the CIFAR-10 copy the full-scale runs used (cifar10_jpeg.npz: every
 image's JPEG bytes), read from the files' own headers, nothing decoded:
 
-    python results/jpeg_quality.py path/to/cifar10_jpeg.npz > results/jpeg_quality.txt
+    python results/resnet32-cifar10-wu/jpeg_quality.py path/to/cifar10_jpeg.npz > results/resnet32-cifar10-wu/jpeg_quality.txt
 
 For each image: the IJG quality whose standard luminance table (JPEG spec, Annex K,
 scaled as libjpeg does) reproduces the file's luminance quantisation table exactly

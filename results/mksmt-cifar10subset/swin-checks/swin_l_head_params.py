@@ -1,6 +1,6 @@
 """Parameter overhead of MKSMT's OPM heads on Swin-L (README, MKSMT section).
 
-    python results/swin_l_head_params.py > results/swin_l_head_params.txt
+    python results/mksmt-cifar10subset/swin-checks/swin_l_head_params.py > results/mksmt-cifar10subset/swin-checks/swin_l_head_params.txt
 
 Built on the meta device (no memory, no weights), K = 200 (CUB): the backbone with
 its own classifier vs OPMs on S3 and S4 (stages 2 and 3) at width 216 (the default for Swin: the
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import models  # noqa: E402
 
 with torch.device("meta"):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The order the seed 004 study runs were launched in (two queues side by side, one torch thread
+# The order the deep-supervision study runs were launched in (two queues side by side, one torch thread
 # each; laneA*.out / laneB*.out hold their output and the commit). Stages 1-3 were each
 # started when the earlier one's results were in: the Xavier sweep (1) left every depth at
 # chance, so the Kaiming sweep (2) was added; its best lr for plain20/32/44 sat at the
 # lower edge 0.01, so 0.003 and 0.001 were added (3). A first stage-4 queue (Kaiming
 # plain44 / plain32 finals) was cancelled before any of its runs started, once the finished
 # sweep showed that Kaiming plain44 trains at lr 0.003 and plain20 (Xavier) starts to move.
-S=results/run_deepsup_study.sh
+S=results/deep-supervision-cifar10subset/run.sh
 # 1: Xavier (models.py's default plain init)
 ( bash $S sweep plain56 0.1 0.03 0.01; bash $S sweep plain20 0.1 0.03 0.01 ) > laneA.out &
 ( bash $S sweep plain44 0.1 0.03 0.01; bash $S sweep plain32 0.1 0.03 0.01 ) > laneB.out

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Launch record: both studies (seed 003 hybrid, seed 002 MKSMT) ran from one job
+# Launch record: both studies (the hybrid study and the MKSMT study) ran from one job
 # queue, popped in this order by two lanes (one torch thread each) on the 2-core CPU machine,
 # from a worktree pinned at the commit each log's first line names.
-#   bash results/hybrid-study/lanes.sh          # starts both lanes in the background
-#   bash results/hybrid-study/lanes.sh JOB...   # after a kill: keep queue.txt, put the jobs that
+#   bash results/hybrid-cifar10lt-subset/lanes.sh          # starts both lanes in the background
+#   bash results/hybrid-cifar10lt-subset/lanes.sh JOB...   # after a kill: keep queue.txt, put the jobs that
 #                                               # were in flight back in front (--resume auto)
 set -u
 cd "$(dirname "$0")/../.."
-queue=results/hybrid-study/queue.txt
+queue=results/hybrid-cifar10lt-subset/queue.txt
 if [ $# -gt 0 ]; then
   touch "$queue"   # a fresh checkout has none: the jobs named are then the whole queue
   { for job in "$@"; do echo "$job"; done; cat "$queue"; } > "$queue.new" && mv "$queue.new" "$queue"
@@ -22,8 +22,8 @@ lane() {
   while job=$(pop); [ -n "$job" ]; do
     set -- $job
     echo "$(date -u +%H:%M:%S) start $job"
-    if [ "$1" = hybrid ]; then bash results/run_hybrid_study.sh "$2" "$3" "$4"; else bash results/run_mksmt_study.sh "$2" "$3"; fi
+    if [ "$1" = hybrid ]; then bash results/hybrid-cifar10lt-subset/run.sh "$2" "$3" "$4"; else bash results/mksmt-cifar10subset/run.sh "$2" "$3"; fi
     echo "$(date -u +%H:%M:%S) done $job"
   done
 }
-for name in a b; do nohup bash -c "$(declare -f pop lane); queue=$queue; lane" >> "results/hybrid-study/lane-$name.out" 2>&1 & sleep 2; done
+for name in a b; do nohup bash -c "$(declare -f pop lane); queue=$queue; lane" >> "results/hybrid-cifar10lt-subset/lane-$name.out" 2>&1 & sleep 2; done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Seed 002 study: MKSMT against an update-matched baseline on the CIFAR-10 subset
-# (10,000 train / 10,000 test). results/README.md section "Seed 002 study".
+# The MKSMT study: MKSMT against an update-matched baseline on the CIFAR-10 subset
+# (10,000 train / 10,000 test). results/README.md section
+# "MKSMT on a CIFAR-10 subset: does it beat a plain network given as many updates?".
 #
-#   bash results/run_mksmt_study.sh CONFIG SEED...    # CONFIG: plain plain2x nokd t1 t4 onestep
+#   bash results/mksmt-cifar10subset/run.sh CONFIG SEED...    # CONFIG: plain plain2x nokd t1 t4 onestep
 #
 # ResNet-32 (post-activation, option A); the MKSMT configs put OPM heads (width 64) on the
 # last two groups (stages 1 and 2: the analogues of S3 and S4); plain is the backbone with its
@@ -18,9 +19,9 @@
 # One torch thread per run (OMP_NUM_THREADS=1), two runs side by side. EPOCHS=N overrides the
 # length (smoke tests only).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}
-OUT=results/mksmt-study
+OUT=results/mksmt-cifar10subset
 export OMP_NUM_THREADS=1
 epochs=${EPOCHS:-10}
 config=$1; shift

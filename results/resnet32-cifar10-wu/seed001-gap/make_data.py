@@ -1,5 +1,5 @@
 """A proxy for what the JPEG round of our CIFAR-10 copy costs: encode every image once more
-at the same settings (IJG quality 75, 4:2:0, as results/jpeg_quality.txt measured) and train
+at the same settings (IJG quality 75, 4:2:0, as results/resnet32-cifar10-wu/jpeg_quality.txt measured) and train
 on that. Three variants:
 
 - aligned: re-encoded on the same 8x8 / 16x16 block grid. Close to idempotent, so a weak proxy.
@@ -11,7 +11,7 @@ on that. Three variants:
   third fresh round. Its cost against shifted's tells whether a round's cost shrinks as
   rounds pile up, i.e. how far the second round's cost can stand in for the first's.
 
-    python results/seed001-gap/make_data.py ../data/cifar10_full.npz ../data > results/seed001-gap/make_data.txt
+    python results/resnet32-cifar10-wu/seed001-gap/make_data.py ../data/cifar10_full.npz ../data > results/resnet32-cifar10-wu/seed001-gap/make_data.txt
 
 Writes DIR/cifar10_full_reenc_{aligned,shifted,shifted2}.npz (same keys) and prints the PSNR of each
 against its input. Pillow's encoder: quality=75, subsampling 4:2:0 (Pillow's default for RGB).

@@ -1,13 +1,14 @@
-"""Where the seed 001 full-scale runs stand (results/seed001-cifar10full-resnet32-seed<N>/),
+"""Where the seed 001 full-scale runs stand (results/resnet32-cifar10-wu/seed001-cifar10full-resnet32-seed<N>/),
 in markdown for results/README.md, from the files the runs write and nothing else:
 
-    python results/seed001_full_report.py            # tables; with matplotlib also the plot
+    python results/resnet32-cifar10-wu/seed001_full_report.py            # tables; with matplotlib also the plot
 
 1. One row per seed: iterations done of the recipe's, the last evaluation (epochs done,
    counted from 1, where metrics.jsonl's "epoch" counts from 0; test top-1, epoch-mean
    train CE, lr), training time (the run's own clock in the checkpoint,
    summed over its segments), segments and the mean of their img/s (the log's
-   "== segment" lines, written by run_seed001_full.sh). Once two or more seeds have
+   "== segment" lines, written by results/run_long.sh, and before it by
+   run_seed001_full.sh, now deleted). Once two or more seeds have
    finished: mean +- sample std of the last evaluation.
 2. Every evaluation so far, one column per evaluation (epochs done).
 3. With matplotlib: seed001_full_curves.png (test top-1 and train CE against iterations).
@@ -113,7 +114,7 @@ def plot(runs):
     fig.tight_layout()
     out = os.path.join(HERE, "seed001_full_curves.png")
     fig.savefig(out, dpi=120)
-    print(f"\nplot: {os.path.relpath(out, os.path.dirname(HERE))}")
+    print(f"\nplot: {os.path.relpath(out, os.path.dirname(os.path.dirname(HERE)))}")
 
 
 if __name__ == "__main__":

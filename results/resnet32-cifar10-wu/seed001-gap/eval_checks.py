@@ -4,7 +4,11 @@ test set and on make_data.py's two re-encodes of it. Run from the pinned worktre
 model code is the run's own:
 
     cd ../seed001-worktree && PYTHONPATH=. OMP_NUM_THREADS=1 python \
-        ../main/results/seed001-gap/eval_checks.py CHECKPOINT ../data > ../main/results/seed001-gap/eval_checks.txt
+        ../main/results/resnet32-cifar10-wu/seed001-gap/eval_checks.py CHECKPOINT ../data \
+        > ../main/results/resnet32-cifar10-wu/seed001-gap/eval_checks.txt
+
+(../seed001-worktree: the worktree at commit 5909c2f beside the checkout, ../main here, that
+seed001-gap/run.sh creates when it is missing; ../data: the decoded copies.)
 """
 import os
 import sys

@@ -9,7 +9,7 @@
 3. evaluation img/s on the 10k test set: DataLoader + PIL transform vs the
    tensor-resident path (after only), with the model and for the loader alone.
 
-    python results/measure_hotpath.py --before /path/to/old/checkout --npz cifar10_subset.npz
+    python results/benchmark-cpu/measure_hotpath.py --before /path/to/old/checkout --npz cifar10_subset.npz
 
 ``--before`` is a checkout of the commit before the change (c41e594); each
 measurement runs in a subprocess with that checkout (or this one) first on
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 COUNT_READS = r'''
 import contextlib, os, sys, tempfile, numpy as np, torch
@@ -131,7 +131,7 @@ def main():
     p.add_argument("--after", default=HERE)
     p.add_argument("--npz", required=True, help="the 10k CIFAR-10 subset (README: Data)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "hotpath-cpu.json"))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "benchmark-cpu", "hotpath-cpu.json"))
     args = p.parse_args()
     result = {"host_reads": {}, "seed001_step_img_per_s": {"before": [], "after": []}}
     for side in ("before", "after"):

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Seed 004 study: where does deep supervision help? Plain nets (no BN, no
+# The deep-supervision study: where does deep supervision help? Plain nets (no BN, no
 # shortcuts) and ResNet-56 as the control, on the CIFAR-10 subset (10,000 train /
-# 10,000 test). results/README.md section "Seed 004 study".
+# 10,000 test). results/README.md section
+# "Deep supervision on plain nets: where does an auxiliary head help?".
 # MODEL: plainD (Xavier init, models.py's default: the vanishing-gradient setting the seed
 # is about), plainD-kaiming (He init, fan_in), or resnet56.
 #
-#   bash results/run_deepsup_study.sh sweep  MODEL LR...          # lr on a validation split, no aux head, seed 0
-#   bash results/run_deepsup_study.sh select MODEL LR...          # prints the lr with the best last val top-1
-#   bash results/run_deepsup_study.sh probe  MODEL LR DS...       # gradient probe (DS: none or --deep-sup stages)
-#   bash results/run_deepsup_study.sh final  MODEL LR DS SEED...  # full training set, test set
+#   bash results/deep-supervision-cifar10subset/run.sh sweep  MODEL LR...          # lr on a validation split, no aux head, seed 0
+#   bash results/deep-supervision-cifar10subset/run.sh select MODEL LR...          # prints the lr with the best last val top-1
+#   bash results/deep-supervision-cifar10subset/run.sh probe  MODEL LR DS...       # gradient probe (DS: none or --deep-sup stages)
+#   bash results/deep-supervision-cifar10subset/run.sh final  MODEL LR DS SEED...  # full training set, test set
 #
 # Budgets (every run alike within a stage; one torch thread per run, two runs side by side):
 #   sweep: 5 epochs at constant lr, --val-split 0.2 (stratified, --split-seed 0), evaluated every epoch;
@@ -19,9 +20,9 @@
 # benchmark.py; weights, optimizer and loss stay fp32; bf16 has fp32's exponent range, so small
 # gradients are not flushed to zero the way fp16 would flush them).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}
-OUT=results/deepsup-study
+OUT=results/deep-supervision-cifar10subset
 export OMP_NUM_THREADS=1
 common=(--dataset npz --data-path "$DATA" --batch-size 128 --momentum 0.9 --wd 1e-4 --workers 0
         --amp bf16 --channels-last --eval-batch-size 500 --print-freq 20)
