@@ -1,31 +1,32 @@
-"""Tables for results/README.md (and the README's results table) from the runs in results/.
+"""Tables for results/README.md (and the README's results table) from the study folders in results/.
 
     python results/summarize.py
 
-1. Mean +- std (sample std, n-1) of the LAST evaluation of each training run
-   (a folder results/<setting>-seed<N>/ holding metrics.jsonl); the deep-supervision
-   runs (deepsup-*) get their own table with the auxiliary head's top-1.
-   The hybrid runs (hybrid-*) get many / medium / few-shot columns, the MKSMT runs
-   (mksmt-*) one column per head plus the flipped-test-image accuracy.
-2. Gradient probes (results/probe-*/gradient_probe.csv): per stage, how many conv /
-   linear layers have a mean |grad| (averaged over the probe's iterations) below
-   1e-7, and the median of those means.
-3. The seed-000 LFW study (results/lfw-study/): the lambda sweeps on the
-   validation split, then CE / joint / center on the full training set (test set,
-   last epoch), and the difference of means with its standard error; with
-   matplotlib, the plots lfw_study_lambda.png and lfw_study_curves.png.
-4. The seed-004 deep-supervision study (results/deepsup-study/): the lr
+Mean +- std is the sample std (n-1) over seeds of each run's LAST evaluation.
+
+1. The LFW joint-supervision study (results/lfw-joint-supervision/): the lambda sweeps
+   on the validation split, then CE / joint / center on the full training set (test set,
+   last epoch), and the difference of means with its standard error; with matplotlib, the
+   plots lfw_study_lambda.png and lfw_study_curves.png in that folder.
+2. The deep-supervision study (results/deep-supervision-cifar10subset/): the lr
    sweeps on the validation split, the gradient probes per stage, and the finals
    with / without the auxiliary head (test top-1, last epoch; epochs until the
-   running train top-1 first reaches 25% and 50%); with matplotlib, deepsup_study_curves.png.
-5. The seed-003 hybrid study (results/hybrid-study/): CE, CE with the
+   running train top-1 first reaches 25% and 50%); with matplotlib, deepsup_study_curves.png
+   in that folder.
+3. The hybrid study (results/hybrid-cifar10lt-subset/): CE, CE with the
    class-balanced sampler, Hybrid-SC and Hybrid-PSC on the long-tailed CIFAR-10 subset
    at beta 100 and 10 (test, last epoch, 3 seeds): top-1 and many / medium / few at the
    scaled thresholds (metrics.jsonl) and at the paper's (evaluate.py's JSON), with the
-   paper's CIFAR-10-LT numbers beside them.
-6. The seed-002 MKSMT study (results/mksmt-study/): plain, plain with twice
+   paper's CIFAR-10-LT numbers beside them; with matplotlib, hybrid_study_lt<beta>.png in
+   that folder.
+4. The MKSMT study (results/mksmt-cifar10subset/): plain, plain with twice
    the epochs (update-matched), two-step without KD, with KD T = 1 and T = 4, one-step
    (test, last epoch, 3 seeds): final-head and S3-head top-1, vertical-flip top-1.
+
+Wu's ResNet-32 runs have their own script: results/resnet32-cifar10-wu/seed001_full_report.py.
+The superseded short runs this script also tabulated until the results/ reorganisation
+(10-epoch CE vs joint, 2-epoch deep supervision, plain56 probes, 6-epoch hybrid, 1-epoch
+MKSMT) left the tree; they and the code that read them are at commit 0e5ddf8.
 """
 import glob
 import json
@@ -71,72 +72,11 @@ def mean_std(values):
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def main():
-    groups = {}
-    for path in sorted(glob.glob(os.path.join(HERE, "*-seed*", "metrics.jsonl"))):
-        run_dir = os.path.dirname(path)
-        setting = re.sub(r"-seed\d+$", "", os.path.basename(run_dir))
-        groups.setdefault(setting, []).append(last_row(run_dir))
-    print("| setting | seeds | epochs | test top-1 (%) | test top-5 (%) | balanced top-1 (%) |")
-    print("|---|---|---|---|---|---|")
-    for setting, rows in groups.items():
-        if not setting.startswith(("deepsup-", "hybrid-", "mksmt-")):
-            cells = [mean_std([r[k] for r in rows]) for k in ("test_top1", "test_top5", "test_balanced_top1")]
-            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
-    print("\n| setting | seeds | epochs | test top-1 (%) | test top-5 (%) | aux head top-1 (%) |")
-    print("|---|---|---|---|---|---|")
-    for setting, rows in groups.items():
-        if setting.startswith("deepsup-"):
-            aux = [v for r in rows for k, v in r.items() if k.startswith("test_aux_top1")]
-            cells = [mean_std([r[k] for r in rows]) for k in ("test_top1", "test_top5")]
-            cells.append(mean_std(aux) if aux else "-")
-            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
-    hybrid_table(groups)
-    mksmt_table(groups)
-
-
-def hybrid_table(groups):
-    print("\n| setting | seeds | epochs | top-1 (%) | many (%) | medium (%) | few (%) |")
-    print("|---|---|---|---|---|---|---|")
-    for setting, rows in groups.items():
-        if setting.startswith("hybrid-"):
-            cells = []
-            for key in ("test_top1", "test_many_top1", "test_medium_top1", "test_few_top1"):
-                values = [r[key] for r in rows if r.get(key) is not None and r[key] == r[key]]  # null / NaN: empty group
-                cells.append(mean_std(values) if values else "-")
-            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
-
-
-def mksmt_table(groups):
-    print("\n| setting | seeds | epochs | final head top-1 (%) | stage-1 head top-1 (%) | h-flip top-1 (%) "
-          "| v-flip top-1 (%) |")
-    print("|---|---|---|---|---|---|---|")
-    for setting, rows in groups.items():
-        if setting.startswith("mksmt-"):
-            cells = [mean_std([r["test_top1"] for r in rows])]
-            shallow = [r["test_head_top1_stage1"] for r in rows if "test_head_top1_stage1" in r]
-            cells.append(mean_std(shallow) if shallow else "-")
-            for flip in ("h", "v"):
-                files = sorted(glob.glob(os.path.join(HERE, f"{setting}-seed*-flip{flip}.json")))
-                values = [json.load(open(f))["top1"] for f in files if os.path.getsize(f)]
-                cells.append(mean_std(values) if values else "-")
-            print(f"| {setting} | {len(rows)} | {rows[0]['epoch'] + 1} | " + " | ".join(cells) + " |")
-
-
-def probe_table(threshold=1e-7):
-    print("\n| probe | stage | layers | layers < 1e-7 | median mean abs grad |")
-    print("|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(HERE, "probe-*", "gradient_probe.csv"))):
-        name = os.path.basename(os.path.dirname(path))
-        for stage, (n, below, median) in stage_medians(path, threshold).items():
-            print(f"| {name} | {stage} | {n} | {below} | {median:.1e} |")
-
-
-LFW = os.path.join(HERE, "lfw-study")
+LFW = os.path.join(HERE, "lfw-joint-supervision")
 
 
 def lfw_study_table():
-    """Sweep (validation split, seed 0) and final (test, 3 seeds) tables of the seed 000 study."""
+    """Sweep (validation split, seed 0) and final (test, 3 seeds) tables of the LFW study."""
     sweeps = {}
     for path in sorted(glob.glob(os.path.join(LFW, "sweep-*-lam*", "metrics.jsonl"))):
         loss, lam = re.match(r"sweep-(\w+)-lam([0-9.e-]+)$", os.path.basename(os.path.dirname(path))).groups()
@@ -193,7 +133,7 @@ def lfw_study_plots(sweeps):
     ax.set_title("LFW top-20, ResNet-18 72 px, 20 epochs, seed 0")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "lfw_study_lambda.png"), dpi=120)
+    fig.savefig(os.path.join(LFW, "lfw_study_lambda.png"), dpi=120)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for loss in ("ce", "joint", "center"):
         path = os.path.join(LFW, f"final-{loss}-seed0", "metrics.jsonl")
@@ -211,11 +151,11 @@ def lfw_study_plots(sweeps):
         ax.legend()
     fig.suptitle("LFW top-20, seed 0: train and test curves")
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "lfw_study_curves.png"), dpi=120)
-    print("wrote results/lfw_study_lambda.png, results/lfw_study_curves.png")
+    fig.savefig(os.path.join(LFW, "lfw_study_curves.png"), dpi=120)
+    print("wrote results/lfw-joint-supervision/lfw_study_lambda.png, results/lfw-joint-supervision/lfw_study_curves.png")
 
 
-DEEPSUP = os.path.join(HERE, "deepsup-study")
+DEEPSUP = os.path.join(HERE, "deep-supervision-cifar10subset")
 # train top-1 (%) levels whose first crossing measures convergence speed: 50 fixed before any
 # run; 25 added after the sweeps (no plain net passed 31% in 5 epochs), before any final ended
 TRAIN_TARGETS = (25.0, 50.0)
@@ -268,7 +208,7 @@ def head_order(name):
 
 
 def deepsup_study_table():
-    """The seed 004 study: lr sweep (validation split), gradient probes, and the finals (test,
+    """The deep-supervision study: lr sweep (validation split), gradient probes, and the finals (test,
     3 seeds) with / without the auxiliary head; plot of the train curves."""
     sweeps = {}
     for path in sorted(glob.glob(os.path.join(DEEPSUP, "sweep-*-lr*", "metrics.jsonl"))):
@@ -282,7 +222,7 @@ def deepsup_study_table():
     for model in sorted(sweeps, key=net_order):
         by_lr = dict(sweeps[model])
         finished = {lr: rows for lr, rows in by_lr.items() if rows and rows[-1]["epoch"] == 4}
-        # the select rule of run_deepsup_study.sh: best last val top-1, ties to the first lr listed (the largest)
+        # the select rule of the study's run.sh: best last val top-1, ties to the first lr listed (the largest)
         best = max(sorted(finished, reverse=True), key=lambda lr: finished[lr][-1]["val_top1"]) if finished else None
         cells = [("-" if lr not in by_lr else f"{by_lr[lr][-1]['val_top1']:.1f}"
                   + ("" if lr in finished else f" (after {len(by_lr[lr])} epochs)")) for lr in lrs]
@@ -375,11 +315,11 @@ def deepsup_study_plot(finals):
         axes[0][col].legend(fontsize=7)
     fig.suptitle("Deep supervision, CIFAR-10 subset, 10 epochs, one line per seed")
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "deepsup_study_curves.png"), dpi=120)
-    print("wrote results/deepsup_study_curves.png")
+    fig.savefig(os.path.join(DEEPSUP, "deepsup_study_curves.png"), dpi=120)
+    print("wrote results/deep-supervision-cifar10subset/deepsup_study_curves.png")
 
 
-HYBRID = os.path.join(HERE, "hybrid-study")
+HYBRID = os.path.join(HERE, "hybrid-cifar10lt-subset")
 HYBRID_METHODS = {"ce": "CE", "ce-3x": "CE, 90 epochs (image-matched)", "ce-balanced": "CE, class-balanced sampler",
                   "ce-balanced-3x": "CE, class-balanced sampler, 90 epochs (image-matched)",
                   "sc": "Hybrid-SC", "psc": "Hybrid-PSC"}
@@ -415,7 +355,7 @@ def cell(values):
 
 
 def hybrid_study_table():
-    """The seed 003 study: one table per imbalance ratio; the groups at the scaled
+    """The hybrid study: one table per imbalance ratio; the groups at the scaled
     thresholds come from the run's own last evaluation (bf16 autocast, as trained),
     the groups at the paper's thresholds from evaluate.py (fp32) on the last checkpoint."""
     runs = finished_runs(HYBRID, "lt*-seed*")
@@ -456,7 +396,7 @@ def hybrid_study_table():
 
 def hybrid_study_plot(beta, table):
     """Per-class test top-1 (mean over seeds, evaluate.py's JSON) against the class's
-    training images: results/hybrid_study_lt<beta>.png."""
+    training images: results/hybrid-cifar10lt-subset/hybrid_study_lt<beta>.png."""
     plt = pyplot("hybrid per-class plot")
     if plt is None:
         return
@@ -478,12 +418,12 @@ def hybrid_study_plot(beta, table):
         "\n(dashed: 90 epochs)" if any(m.endswith("-3x") for m in table) else ""), fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: no data hidden
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, f"hybrid_study_lt{beta}.png"), dpi=120, bbox_inches="tight")
+    fig.savefig(os.path.join(HYBRID, f"hybrid_study_lt{beta}.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
-    print(f"wrote results/hybrid_study_lt{beta}.png")
+    print(f"wrote results/hybrid-cifar10lt-subset/hybrid_study_lt{beta}.png")
 
 
-MKSMT = os.path.join(HERE, "mksmt-study")
+MKSMT = os.path.join(HERE, "mksmt-cifar10subset")
 MKSMT_CONFIGS = {"plain": "plain (backbone's own head)", "plain2x": "plain, twice the epochs (update-matched)",
                  "nokd": "two-step, no KD", "t1": "two-step MKSMT, KD T = 1", "t4": "two-step MKSMT, KD T = 4",
                  "onestep": "one-step (CE S3 + CE S4 + KD T = 1)"}
@@ -493,7 +433,7 @@ MKSMT_PAPER = {"plain": "91.9 (v-flip about -11)", "nokd": "92.1 (S3 90.9)", "t1
 
 
 def mksmt_study_table():
-    """The seed 002 study: final-head (S4) and S3-head top-1 on test (last epoch),
+    """The MKSMT study: final-head (S4) and S3-head top-1 on test (last epoch),
     optimizer updates per run, and the vertical-flip top-1 (evaluate.py --flip v, fp32)
     with its drop from the run's own last evaluation (bf16)."""
     runs = finished_runs(MKSMT, "*-seed*")
@@ -527,8 +467,6 @@ def mksmt_study_table():
 
 
 if __name__ == "__main__":
-    main()
-    probe_table()
     lfw_study_table()
     deepsup_study_table()
     hybrid_study_table()

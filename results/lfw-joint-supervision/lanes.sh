@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Two queues for the LFW study (20 epochs, lr step at 15), from a worktree pinned at the commit that ran them.
+cd /work/lfw-wt
+S="bash results/lfw-joint-supervision/run.sh"
+if [ "$1" = A ]; then
+  $S sweep joint 0.01 0.1 1
+  $S final ce - 0
+  $S final joint $($S select joint 0.01 0.1 1) 0 1 2
+  while [ ! -e results/lfw-joint-supervision/.center-sweep-done ]; do sleep 10; done
+  $S final center $($S select center 0.001 0.01 0.1) 2
+else
+  $S sweep center 0.001 0.01 0.1
+  touch results/lfw-joint-supervision/.center-sweep-done
+  $S final ce - 1 2
+  $S final center $($S select center 0.001 0.01 0.1) 0 1
+fi

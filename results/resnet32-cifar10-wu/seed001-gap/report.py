@@ -1,0 +1,55 @@
+"""Table of the seed-001 gap runs (results/resnet32-cifar10-wu/seed001-gap/run.sh): last evaluation, train CE of
+the last epoch, mean img/s of the log's progress windows; then mean +- sample std over seeds
+per variant, and the paired differences (same seed, so same initialisation and batch order)
+of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
+shifted-bf16 (the second), with their mean +- std and standard error.
+
+    python results/resnet32-cifar10-wu/seed001-gap/report.py > results/resnet32-cifar10-wu/seed001-gap/report.txt
+"""
+import glob
+import json
+import os
+import re
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main():
+    rows = {}  # variant-itN -> {seed: last test top-1}
+    for folder in sorted(glob.glob(os.path.join(HERE, "*-seed*/"))):
+        name = os.path.basename(folder.rstrip("/"))
+        variant, seed = name.rsplit("-seed", 1)
+        total = int(variant.rsplit("-it", 1)[1])
+        path = os.path.join(folder, "metrics.jsonl")
+        metrics = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        evals = [m for m in metrics if m.get("test_top1") is not None]
+        if not metrics or metrics[-1]["iteration"] < total:
+            print(f"{name}: unfinished ({metrics[-1]['iteration'] if metrics else 0} / {total} iterations)")
+            continue
+        rates = [float(r) for r in re.findall(r"([\d.]+) img/s", open(folder.rstrip("/") + ".log").read())]
+        rows.setdefault(variant, {})[int(seed)] = evals[-1]["test_top1"]
+        print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f} at iteration {evals[-1]['iteration']} "
+              f"(evaluations: {', '.join('%.2f' % m['test_top1'] for m in evals)}); "
+              f"train CE last epoch {metrics[-1]['train_ce']:.4f}; {statistics.mean(rates):.0f} img/s")
+    for variant, by_seed in rows.items():
+        values = list(by_seed.values())
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
+    pairs = [(variant, f"base-bf16-it{variant.rsplit('-it', 1)[1]}") for variant in rows]
+    pairs += [(variant, variant.replace("shifted2-", "shifted-")) for variant in rows if variant.startswith("shifted2-")]
+    for variant, reference_name in pairs:
+        by_seed, reference = rows[variant], rows.get(reference_name, {})
+        seeds = sorted(set(by_seed) & set(reference))
+        if variant == reference_name or not seeds:
+            continue
+        diffs = [by_seed[s] - reference[s] for s in seeds]
+        line = f"{variant} minus {reference_name}, seeds {seeds}: " + ", ".join("%+.2f" % d for d in diffs)
+        if len(diffs) > 1:
+            sd = statistics.stdev(diffs)
+            line += f"; mean {statistics.mean(diffs):+.2f} ± {sd:.2f} (standard error {sd / len(diffs) ** 0.5:.2f})"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
