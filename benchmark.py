@@ -459,7 +459,7 @@ def get_args_parser(add_help=True):
                         help="npz with x_train (N, H, W, 3) uint8, y_train (default: random uint8 images)")
     parser.add_argument("--workers", default=2, type=int, help="DataLoader workers of the torch loader")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", default="results/", help="folder for benchmark-<device>.json")
+    parser.add_argument("--out", default="runs/benchmark", help="folder for benchmark-<device>.json")
     parser.add_argument("--loss-batch-size", default=512, type=int)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--losses-only", action="store_true", help="skip the training grid")

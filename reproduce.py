@@ -5,7 +5,7 @@ configuration and seed, then writes a mean ± std table per setup.
     python reproduce.py seed001 --data cifar10.npz --plan         # measured img/s and minutes only
     python reproduce.py seed001 hybrid-lt deepsup --data cifar10.npz --seeds 0 1 2 --parallel 2
     python reproduce.py lfw --data /path/to/lfw                   # <Name>/<Name>_NNNN.jpg
-    python reproduce.py all --data cifar10.npz --data /path/to/lfw --out results/reproduce
+    python reproduce.py all --data cifar10.npz --data /path/to/lfw --out runs/reproduce
 
 SETUP is a key of ``SETUPS`` (or ``all``): seed001, hybrid-lt, lfw, deepsup.
 ``--data`` takes a path per kind of data: a ``.npz`` file is the decoded CIFAR-10
@@ -63,8 +63,8 @@ Setup = collections.namedtuple("Setup", "title data configs metrics")
 # medium / few thresholds (> 100, 20-100, < 20 training images).
 _LT = ["--imbalance-ratio", "100", "--many-threshold", "100", "--few-threshold", "20"]
 # Deep supervision: 64k iterations at batch 128, lr /10 at 32k and 48k iterations (our
-# choice). plain56 with Kaiming init at lr 0.001: the lr the seed-004 study chose for it on a
-# validation split of the CIFAR-10 subset (results/README.md "Seed 004 study": at 0.1 / 0.03 / 0.01 /
+# choice). plain56 with Kaiming init at lr 0.001: the lr the deep-supervision study chose for it on a
+# validation split of the CIFAR-10 subset (results/README.md, "Deep supervision on plain nets": at 0.1 / 0.03 / 0.01 /
 # 0.003 it ends at chance after 5 epochs; at 0.001 it trains, slowly); with Xavier init no
 # lr tried moved plain32-56 off chance. resnet56 at He et al.'s lr 0.1.
 _DEEPSUP_SCHEDULE = ["--iters", "64000", "--milestones", "32000", "48000", "--milestone-unit", "iter",
@@ -75,9 +75,9 @@ _DEEP_SUP = ["--deep-sup", "1", "--aux-weight", "0.3", "--aux-decay", "linear"]
 
 SETUPS = {
     "seed001": Setup(
-        "ResNet-32 on CIFAR-10, seed 001's recipe (80k iterations)", "npz",
+        "ResNet-32 on CIFAR-10, Wu's recipe (80k iterations)", "npz",
         [Config("resnet32", "ResNet-32 (seed001-cifar10)", ["--recipe", "seed001-cifar10"],
-                "91.1 (seed 001); 92.49 (He et al. 2016)")],
+                "91.1 (Wu); 92.49 (He et al. 2016)")],
         ["test_top1"]),
     "hybrid-lt": Setup(
         "CIFAR-10-LT, beta 100: CE vs hybrid SC / PSC (batch 512, lr 0.5, 200 epochs)", "npz",
@@ -593,7 +593,7 @@ def main(args):
     if args.parallel < 1:
         raise UsageError("--parallel must be at least 1")
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.smoke else [0, 1, 2])
-    args.out = args.out or ("runs/reproduce-smoke" if args.smoke else "results/reproduce")
+    args.out = args.out or ("runs/reproduce-smoke" if args.smoke else "runs/reproduce")
     if args.summary_only:
         check_writable(args.out)
         write_summary(args.out, setup_names, args.seeds, args.smoke)
@@ -615,7 +615,7 @@ def get_args_parser():
                    help="CIFAR-10 .npz or LFW folder (repeat for both; npz=PATH / lfw=PATH to be explicit)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--smoke: 0)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (sharing the device)")
-    p.add_argument("--out", help="default results/reproduce (--smoke: runs/reproduce-smoke)")
+    p.add_argument("--out", help="default runs/reproduce (--smoke: runs/reproduce-smoke)")
     p.add_argument("--device", default="auto", help="train.py's --device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--smoke", action="store_true", help="every setup, tiny made-up data, 2 iterations, CPU")
     mode = p.add_mutually_exclusive_group()

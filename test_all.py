@@ -2890,7 +2890,7 @@ def test_reproduce_summary_mean_std_last_row_and_notes():
         std = (((90.0 - mean) ** 2 + (91.0 - mean) ** 2 + (93.0 - mean) ** 2) / 2) ** 0.5
         assert f"{mean:.2f} ± {std:.2f}" == "91.33 ± 1.53"
         seed001 = _table_rows(text, "seed001")
-        assert seed001["ResNet-32 (seed001-cifar10)"] == ["91.33 ± 1.53", "3", "91.1 (seed 001); 92.49 (He et al. 2016)"]
+        assert seed001["ResNet-32 (seed001-cifar10)"] == ["91.33 ± 1.53", "3", "91.1 (Wu); 92.49 (He et al. 2016)"]
         hybrid = _table_rows(text, "hybrid-lt")
         assert hybrid["CE"] == ["70.50", "-", "60.25", "40.00", "1", "70.36"], hybrid["CE"]
         # SC: top-1 81 ± sqrt(2) = 1.41; many 90 ± 0; few 63 ± sqrt(18) = 4.24

@@ -1,0 +1,39 @@
+"""Compare two golden records, naming the two differences the c4f0408 changes intended.
+
+    python results/refactor-golden/compare.py results/refactor-golden/golden-5909c2f.json NEW.json
+
+golden.py --compare reports any difference; this prints, per run, whether it is equal apart
+from (1) metrics.jsonl's aux_weight (null since c4f0408 in a run without a head) and (2)
+momentum buffers (since 1443ed6 built after the weights turn channels-last, so they hold the
+logical values in the weights' layout), and names anything else. Temporary paths are ignored.
+"""
+import json
+import re
+import sys
+
+TMP = re.compile(r"/tmp/tmp[a-z0-9_]+/")
+
+
+def compare(old, new):
+    notes = []
+    for key in old:
+        if key == "metrics":
+            strip = lambda rows: [{k: v for k, v in r.items() if k != "aux_weight"} for r in rows]
+            if strip(old[key]) != strip(new[key]):
+                notes.append("metrics beyond aux_weight")
+            if [r.get("aux_weight") for r in old[key]] != [r.get("aux_weight") for r in new[key]]:
+                notes.append(f"aux_weight now {sorted({str(r.get('aux_weight')) for r in new[key]})}")
+        elif key == "state":
+            differ = [k for k in old[key] if old[key][k] != new[key].get(k)]
+            if differ:
+                buffers = all("momentum_buffer" in k for k in differ)
+                notes.append(f"{len(differ)} tensors differ" + (", all momentum buffers" if buffers else ": " + ", ".join(differ[:3])))
+        elif TMP.sub("", json.dumps(old[key])) != TMP.sub("", json.dumps(new[key])):
+            notes.append(key)
+    return notes
+
+
+if __name__ == "__main__":
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+    for run in a:
+        print(run, "; ".join(compare(a[run], b[run])) or "equal")
