@@ -37,6 +37,7 @@ classification", CVPR 2021.
 """
 import copy
 import json
+import math
 import os
 import zipfile
 
@@ -909,6 +910,82 @@ def batched_crop_flip(images, padding=4, generator=None, shard=(0, 1)):
     return crop_flip_with_params(images, *(p[rank::n] for p in params), padding=padding)
 
 
+def resized_crop_params(batch_size, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
+                        device="cpu", attempts=10):
+    """Per-sample boxes of ``T.RandomResizedCrop.get_params`` on an (height, width) image,
+    drawn for the whole batch at once, and a flip with probability 0.5: up to ``attempts``
+    (torchvision: 10) tries of area ~ U(scale) x height x width and log aspect ratio ~
+    U(log ratio), w = round(sqrt(area x ratio)), h = round(sqrt(area / ratio)); the first
+    try that fits the image wins, its top / left uniform over the positions that fit; if
+    none fits, torchvision's fallback: the whole image, cut to the ratio range, centred.
+    Returns top, left, h, w (B,) int64 and flips (B,) bool."""
+    shape = (batch_size, attempts)
+    target_area = torch.empty(shape, device=device).uniform_(scale[0], scale[1], generator=generator) * height * width
+    log_ratio = torch.empty(shape, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect)).long()                # (B, attempts)
+    h = torch.round(torch.sqrt(target_area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)                          # (B, 1): the first try that fits
+    found = fits.any(dim=1)
+    if width / height < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)            # (B,)
+    h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
+    top = torch.where(found, (torch.rand(batch_size, generator=generator, device=device) * (height - h + 1)).long(),
+                      (height - h) // 2)                                    # uniform on {0, ..., height - h}
+    left = torch.where(found, (torch.rand(batch_size, generator=generator, device=device) * (width - w + 1)).long(),
+                       (width - w) // 2)
+    flips = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    return top, left, h, w, flips
+
+
+def _bilinear_taps(start, length, size):
+    """Source rows (or columns) of ``F.interpolate(mode="bilinear", align_corners=False)``
+    resizing ``length`` pixels from ``start`` to ``size``, per sample, as PyTorch computes
+    them: src = (o + 0.5) x length / size - 0.5, clamped at 0; neighbours i0 = floor(src)
+    and i0 + 1 (i0 at the last pixel); weight of the second, src - i0.
+    Shapes: start, length (B,) int64 -> i0, i1 (B, size) int64 (absolute), weight (B, size) float32."""
+    o = torch.arange(size, device=start.device, dtype=torch.float32)
+    src = ((o[None] + 0.5) * (length[:, None].float() / size) - 0.5).clamp(min=0)   # (B, size)
+    i0 = src.long()
+    i1 = i0 + (i0 < length[:, None] - 1).long()
+    return start[:, None] + i0, start[:, None] + i1, src - i0
+
+
+def resized_crop_with_params(images, top, left, h, w, flips, size):
+    """Per sample b: ``F.resized_crop(images[b], top[b], left[b], h[b], w[b], [size, size],
+    InterpolationMode.BILINEAR, antialias=False)``, then ``F.hflip`` where ``flips[b]``:
+    bilinear along rows, then along columns, by gathers over the whole batch.
+    Shapes: images (B, C, H, W) float; top, left, h, w (B,) int64; flips (B,) bool ->
+    (B, C, size, size), same dtype."""
+    B, C = images.shape[:2]
+    batch, channel = torch.arange(B, device=images.device), torch.arange(C, device=images.device)
+    y0, y1, wy = _bilinear_taps(top, h, size)                               # (B, size)
+    x0, x1, wx = _bilinear_taps(left, w, size)
+    x0, x1, wx = (torch.where(flips[:, None], t.flip(1), t) for t in (x0, x1, wx))  # a flip reads right to left
+    rows = lambda y: images[batch[:, None, None], channel[None, :, None], y[:, None, :]]   # (B, C, size, W)
+    x = rows(y0) * (1 - wy[:, None, :, None]) + rows(y1) * wy[:, None, :, None]
+    cols = lambda c: x[batch[:, None, None, None], channel[None, :, None, None],
+                       torch.arange(size, device=images.device)[None, None, :, None], c[:, None, None, :]]
+    return cols(x0) * (1 - wx[:, None, None, :]) + cols(x1) * wx[:, None, None, :]   # (B, C, size, size)
+
+
+def batched_resized_crop(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, shard=(0, 1)):
+    """``T.RandomResizedCrop(size, scale, ratio)`` + ``T.RandomHorizontalFlip()`` on every
+    image of a batch (``resized_crop_params``, ``resized_crop_with_params``); ``shard`` as
+    in ``batched_crop_flip``. not torchvision's pixels: its PIL path rounds to uint8 and,
+    shrinking, antialiases; this one stays in float (tested against ``F.resized_crop``
+    without antialias). Shapes: images (B, C, H, W) float -> (B, C, size, size)."""
+    rank, n = shard
+    params = resized_crop_params(images.shape[0] * n, *images.shape[2:], scale, ratio, generator, images.device)
+    return resized_crop_with_params(images, *(p[rank::n] for p in params), size=size)
+
+
 def batched_rgb_to_gray(images):
     """Luma with torchvision's weights 0.2989 R + 0.587 G + 0.114 B (its
     ``rgb_to_grayscale``; PIL's ``convert("L")`` uses 0.299).
@@ -1067,16 +1144,49 @@ def stored_size(dataset):
     return None if array is None else tuple(array.shape[1:3])
 
 
-def can_use_tensor_loader(dataset):
+def _transform_steps(dataset):
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    transform = getattr(dataset, "transform", None)
+    return getattr(transform, "transforms", [transform])
+
+
+def can_use_tensor_loader(dataset, files=False):
     """True for an ArrayDataset, a torchvision CIFAR10/100, or a (nested) Subset of
     one, whose transform does not resize: TensorLoader crops at the stored size and
-    ignores the dataset's own transform."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        return can_use_tensor_loader(dataset.dataset)
-    steps = getattr(dataset.transform, "transforms", [dataset.transform]) if hasattr(dataset, "transform") else []
+    ignores the dataset's own transform. ``files``: also a ``FileListDataset`` (LFW)
+    trained with ``T.RandomResizedCrop``, decoded once into memory (its images must
+    share one size; ``dataset_uint8`` checks)."""
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    steps = _transform_steps(dataset)
+    if files and isinstance(base, FileListDataset):
+        return any(isinstance(t, T.RandomResizedCrop) for t in steps)
     if any(isinstance(t, T.Resize) for t in steps):
         return False
-    return _uint8_source(dataset) is not None
+    return _uint8_source(base) is not None
+
+
+def tensor_augmentation(dataset):
+    """The ``TensorLoader`` augmentation that stands for the dataset's own training
+    transform: {"resized": (size, scale, ratio)} for a ``T.RandomResizedCrop``, else {}
+    (``cifar_transforms``' pad-4 crop). Both flip with p = 0.5."""
+    crop = next((t for t in _transform_steps(dataset) if isinstance(t, T.RandomResizedCrop)), None)
+    return {} if crop is None else {"resized": (crop.size[0], tuple(crop.scale), tuple(crop.ratio))}
+
+
+def _decode_files(dataset):
+    """(N, H, W, 3) uint8 of every image of a ``FileListDataset``, decoded once (kept on
+    the dataset); images of different sizes are one DataError."""
+    if getattr(dataset, "decoded", None) is None:
+        arrays = [np.asarray(load_image(path)) for path, _ in dataset.samples]
+        odd = next((path for (path, _), a in zip(dataset.samples, arrays) if a.shape != arrays[0].shape), None)
+        if odd is not None:
+            raise DataError(f"--loader tensor needs images of one size: {odd} is not {arrays[0].shape[1]}x"
+                            f"{arrays[0].shape[0]} like {dataset.samples[0][0]}; pass --loader torch")
+        dataset.decoded = np.stack(arrays)
+    return dataset.decoded
 
 
 def dataset_uint8(dataset):
@@ -1087,10 +1197,10 @@ def dataset_uint8(dataset):
         images, labels = dataset_uint8(dataset.dataset)
         index = torch.as_tensor(dataset.indices, dtype=torch.long)
         return images[index], labels[index]
-    array = _uint8_source(dataset)
+    array = _decode_files(dataset) if isinstance(dataset, FileListDataset) else _uint8_source(dataset)
     if array is None:
-        raise TypeError(f"{type(dataset).__name__} holds no uint8 (N, H, W, 3) array; "
-                        f"the tensor loader takes an ArrayDataset, a CIFAR set or a Subset of one")
+        raise TypeError(f"{type(dataset).__name__} holds no uint8 (N, H, W, 3) array; the tensor loader takes "
+                        f"an ArrayDataset, a CIFAR set, a FileListDataset or a Subset of one")
     images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
     return images, torch.as_tensor(dataset.targets, dtype=torch.long)
 
@@ -1127,8 +1237,10 @@ class TensorLoader:
 
     The whole set is one (N, 3, H, W) uint8 tensor on ``device``. Each batch is
     indexed there, augmented with ``batched_crop_flip`` (pad ``padding``, random
-    crop, flip p=0.5: ``cifar_transforms``'s training augmentation), scaled to
-    [0, 1] and normalised with ``mean`` / ``std``.
+    crop, flip p=0.5: ``cifar_transforms``'s training augmentation) or, with
+    ``resized=(size, scale, ratio)``, ``batched_resized_crop`` (``T.RandomResizedCrop``
+    + flip: ``resized_crop_transforms``', e.g. LFW's), scaled to [0, 1] and normalised
+    with ``mean`` / ``std``.
 
     Order and resume: the batches follow ``sampler``, which yields ``(index,
     sample_seed)`` pairs like ``ResumableSampler``; the trainer calls
@@ -1154,7 +1266,8 @@ class TensorLoader:
     """
 
     def __init__(self, dataset, batch_size, device, mean, std, sampler, seed=0, drop_last=True,
-                 views=1, contrastive=False, padding=4, grayscale=0.0, num_replicas=1, rank=0, tensors=None):
+                 views=1, contrastive=False, padding=4, grayscale=0.0, num_replicas=1, rank=0, tensors=None,
+                 resized=None):
         images, labels = tensors if tensors is not None else dataset_uint8(dataset)
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)   # (N, 3, H, W) uint8, (N,)
@@ -1162,7 +1275,7 @@ class TensorLoader:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.seed, self.views, self.contrastive, self.padding = seed, views, contrastive, padding
-        self.grayscale, self.shard = grayscale, (rank, num_replicas)
+        self.grayscale, self.shard, self.resized = grayscale, (rank, num_replicas), resized
         self.generator = torch.Generator(device=self.device)  # crops, flips, colour factors
         self.host_generator = torch.Generator()               # the colour-op order, drawn without a device sync
         self.batches_made = 0
@@ -1204,7 +1317,10 @@ class TensorLoader:
 
     def augment(self, images, view):
         """One augmented view: (B, 3, H, W) uint8 -> (B, 3, H, W) float32, normalised."""
-        x = batched_crop_flip(images, self.padding, self.generator, self.shard).float().div_(255)  # (B, 3, H, W)
+        if self.resized:  # (B, 3, size, size)
+            x = batched_resized_crop(images.float(), *self.resized, generator=self.generator, shard=self.shard).div_(255)
+        else:
+            x = batched_crop_flip(images, self.padding, self.generator, self.shard).float().div_(255)  # (B, 3, H, W)
         if self.contrastive:
             if view == 0:
                 order = torch.randperm(4, generator=self.host_generator).numpy().tolist()  # a host tensor: no device wait
@@ -1222,14 +1338,15 @@ class TensorLoader:
 def use_tensor_loader(train_set, loader="auto"):
     """``loader`` "auto" picks the tensor-resident loader when the training set is a
     uint8 array at its training size (cifar10/100, npz, their long-tailed subsets);
-    "tensor" insists on it, "torch" never uses it."""
-    fits = can_use_tensor_loader(train_set)
+    "tensor" insists on it, and also takes a file dataset trained with
+    RandomResizedCrop (LFW), decoded into memory once; "torch" never uses it."""
+    fits = can_use_tensor_loader(train_set, files=loader == "tensor")
     if loader == "tensor" and not fits:
         size = stored_size(train_set)
         fix = (f"pass --image-size {size[0]} (its stored size) or --loader torch" if size and size[0] == size[1]
                else "pass --loader torch")
         raise DataError(f"--loader tensor needs an in-memory uint8 dataset trained at its stored size "
-                        f"(cifar10, cifar100, npz): {fix}")
+                        f"(cifar10, cifar100, npz) or an LFW-like folder of one image size: {fix}")
     return loader == "tensor" or (loader == "auto" and fits)
 
 
@@ -1265,7 +1382,8 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
 
         def tensor_loader(order, **augment):
             return TensorLoader(train_set, batch_size, device, *NORMALIZATIONS[normalize], order, seed,
-                                num_replicas=world_size, rank=rank, tensors=shared, **augment)
+                                num_replicas=world_size, rank=rank, tensors=shared,
+                                **tensor_augmentation(train_set), **augment)
 
     def torch_loader(dataset, order):
         return torch.utils.data.DataLoader(

@@ -2454,6 +2454,81 @@ def test_normalize_uint8_matches_to_tensor_normalize():
         assert (out[b] - reference(Image.fromarray(arrays[b]))).abs().max() < 1e-6
 
 
+def test_resized_crop_equals_torchvision_functional_and_shards():
+    """resized_crop_with_params is F.resized_crop (bilinear, no antialias) + hflip per
+    sample, up- and downscaling; batched_resized_crop on rank r of N processes gives rank
+    r's share of the one-process batch."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 50, 40, generator=g)
+    top, left, h, w, flips = data.resized_crop_params(8, 50, 40, generator=g)
+    top[0], left[0], h[0], w[0] = 0, 0, 50, 40                              # the whole image, shrunk
+    top[1], left[1], h[1], w[1] = 49, 39, 1, 1                              # one pixel, blown up
+    out = data.resized_crop_with_params(images, top, left, h, w, flips, 32)
+    assert flips.any() and not flips.all()
+    for b in range(8):
+        want = TF.resized_crop(images[b], int(top[b]), int(left[b]), int(h[b]), int(w[b]), [32, 32],
+                               T.InterpolationMode.BILINEAR, antialias=False)
+        torch.testing.assert_close(out[b], TF.hflip(want) if flips[b] else want, rtol=0, atol=1e-5)
+    whole = data.batched_resized_crop(images, 24, generator=torch.Generator().manual_seed(5))
+    parts = [data.batched_resized_crop(images[r::2], 24, generator=torch.Generator().manual_seed(5), shard=(r, 2))
+             for r in range(2)]
+    assert torch.equal(whole[0::2], parts[0]) and torch.equal(whole[1::2], parts[1])
+
+
+def test_resized_crop_params_follow_torchvision_get_params():
+    """The boxes' distribution against T.RandomResizedCrop.get_params itself (20,000 draws
+    each, on a square and a wide image: means within 2%), and the fallback when no try fits
+    (scale above 1): torchvision's own centred box, exactly."""
+    for height, width in ((250, 250), (60, 200)):
+        g = torch.Generator().manual_seed(1)
+        ours = torch.stack(data.resized_crop_params(20000, height, width, generator=g)[:4], 1).double()  # top, left, h, w
+        torch.manual_seed(1)
+        image = torch.zeros(1, height, width)
+        theirs = torch.tensor([T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+                               for _ in range(20000)], dtype=torch.float64)   # i, j, h, w
+        assert ((ours.mean(0) - theirs.mean(0)).abs() <= 0.02 * theirs.mean(0) + 0.5).all(), (ours.mean(0), theirs.mean(0))
+        assert ((ours.std(0) - theirs.std(0)).abs() <= 0.03 * theirs.std(0) + 0.5).all(), (ours.std(0), theirs.std(0))
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        for stat in (lambda b: b[:, 3] / b[:, 2], lambda b: b[:, 2] * b[:, 3] / (height * width)):  # aspect, area
+            assert (stat(ours).quantile(q) - stat(theirs).quantile(q)).abs().max() < 0.02, stat(ours).quantile(q)
+        last = lambda b: ((b[:, 0] == height - b[:, 2]).double().mean(), (b[:, 1] == width - b[:, 3]).double().mean())
+        assert all(abs(a - b) < 0.006 and b > 0.005 for a, b in zip(last(ours), last(theirs))), (last(ours), last(theirs))
+        assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
+        fallback = data.resized_crop_params(4, height, width, scale=(1.5, 2.0), generator=g)[:4]
+        want = T.RandomResizedCrop.get_params(image, (1.5, 2.0), (3 / 4, 4 / 3))
+        assert all(p.tolist() == [v] * 4 for p, v in zip(fallback, want)), (fallback, want)
+
+
+def test_tensor_loader_on_an_lfw_folder():
+    """--loader tensor on a file dataset: the images decoded once onto the device, each
+    batch RandomResizedCrop-ped there (LFW's training transform), normalised; --loader auto
+    keeps the DataLoader for files; a folder of mixed sizes is one DataError."""
+    with tmpdir() as d:
+        for name, n in (("Ann_A", 6), ("Bob_B", 6)):
+            for i in range(1, n + 1):
+                _jpeg(os.path.join(d, name, f"{name}_{i:04d}.jpg"))          # 40 x 40 grayscale
+        flags = ["--dataset", "lfw", "--data-path", d, "--model", "resnet18", "--image-size", "24",
+                 "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+        args = train.parse_args(flags + ["--loader", "tensor"])
+        train_set = utils.build_datasets_from_args(args)[0]
+        loader, sampler = _train_loader(args, train_set)
+        assert isinstance(loader, data.TensorLoader) and loader.resized == (24, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert loader.images.shape == (10, 3, 40, 40) and loader.images.dtype == torch.uint8
+        sampler.set_epoch(0)
+        images, labels = next(iter(loader))
+        assert images.shape == (4, 3, 24, 24) and labels.shape == (4,)
+        m, s = (torch.tensor(v)[:, None, None] for v in data.NORMALIZATIONS["imagenet"])
+        pixels = images * s + m
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and (pixels[:, 0] - pixels[:, 2]).abs().max() < 1e-5
+        auto = train.parse_args(flags)
+        assert not isinstance(_train_loader(auto, utils.build_datasets_from_args(auto)[0])[0], data.TensorLoader)
+        assert train.main(train.parse_args(flags + ["--loader", "tensor", "--iters", "2",
+                                                    "--output-dir", os.path.join(d, "run")])) == 0
+        _jpeg(os.path.join(d, "Ann_A", "Ann_A_0007.jpg"), side=32)
+        odd = utils.build_datasets_from_args(args)[0]
+        _expect_data_error(lambda: _train_loader(args, odd), "--loader tensor needs images of one size")
+
+
 def test_tensor_loader_batches_shapes_and_normalisation():
     ds = _constant_dataset()
     mean, std = data.CIFAR_MEAN, data.CIFAR_STD

@@ -99,7 +99,8 @@ def add_data_arguments(parser):
     g.add_argument("--workers", type=COUNT, default=2, help="DataLoader worker processes")
     g.add_argument("--loader", default="auto", choices=["auto", "tensor", "torch"],
                    help="tensor: the uint8 training set lives on the device and batches are augmented "
-                        "there in batched ops; torch: DataLoader + PIL transforms; auto: tensor when it fits")
+                        "there in batched ops (also a file dataset of one image size, e.g. LFW, decoded once); "
+                        "torch: DataLoader + PIL transforms; auto: tensor for in-memory arrays (CIFAR, npz)")
     group("downloads", ("--dataset cifar10 or cifar100", lambda a: a.dataset in ("cifar10", "cifar100"))).add_argument(
         "--download", action="store_true",
         help="download CIFAR into --data-path (without --data-path it is fetched into ./data when missing)")

@@ -33,7 +33,7 @@ tail -15 "$OUT/bench-resnet32.log"; tail -14 "$OUT/bench-resnet34.log"; tail -5 
 # Tong's LFW-20 recipe on the real data, 4 epochs each evaluated, alone on the GPU.
 T=/dev/shm/timing; rm -rf $T; mkdir -p $T
 OMP_NUM_THREADS=1 taskset -c 0-10 $PY train.py --recipe lfw-joint --loss joint --seed 0 --data-path .devdata/lfw_top20 \
-    --amp bf16 --channels-last --epochs 4 --workers 4 --print-freq 10 --output-dir $T/lfw-joint \
+    --amp bf16 --channels-last --loader tensor --epochs 4 --workers 4 --print-freq 10 --output-dir $T/lfw-joint \
     > "$OUT/lfw_timing.log" 2>&1
 $PY -c "
 import json; rows = [json.loads(l) for l in open('$T/lfw-joint/metrics.jsonl')]

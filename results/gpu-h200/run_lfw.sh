@@ -9,6 +9,9 @@
 #   DEADLINE=480 bash results/gpu-h200/run_lfw.sh        # from the repository root, LFW at .devdata/lfw_top20
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-480}
+# tensor: images decoded once onto the GPU, RandomResizedCrop there (the first session's PIL loader,
+# LOADER=torch with 2 workers a run, fed 645 img/s per run and no run finished)
+LOADER=${LOADER:-tensor}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=/dev/shm/lfw; rm -rf $R; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $R/gpu.txt
@@ -17,7 +20,8 @@ declare -A PID
 for seed in 0 1 2; do for loss in ce joint; do
     name=lfw20-resnet34-224px-$loss-seed$seed
     python3 train.py --recipe lfw-joint --loss $loss --seed $seed --data-path .devdata/lfw_top20 --amp bf16 \
-        --channels-last --workers 2 --eval-every 10 --print-freq 23 $EXTRA --output-dir $R/$name > $R/$name.log 2>&1 &
+        --channels-last --loader $LOADER --workers 2 --eval-every 10 --print-freq 23 $EXTRA --output-dir $R/$name \
+        > $R/$name.log 2>&1 &
     PID[$name]=$!
 done; done
 (nvidia-smi dmon -s um -d 10 > $R/dmon.txt 2>&1 &)
