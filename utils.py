@@ -843,7 +843,7 @@ def strict_json(value):
 
 
 # ----------------------------------------------------------------------------------
-# Data loaders: resumable order, per-sample augmentation seeds, tensor-resident batches
+# Datasets from the flags (the loaders are data.make_train_loader / make_test_loader)
 # ----------------------------------------------------------------------------------
 def build_datasets_from_args(args):
     """data.build_datasets with the run's flags; with --skip-corrupt, says how many images it dropped."""
@@ -976,8 +976,3 @@ def prepare_criterion(criterion, world_size):
     if world_size > 1 and criterion is not None and any(p.requires_grad for p in criterion.parameters()):
         return nn.parallel.DistributedDataParallel(criterion)
     return criterion
-
-
-# ----------------------------------------------------------------------------------
-# Diagnostics: deep supervision's gradient probe, long-tail class groups
-# ----------------------------------------------------------------------------------
