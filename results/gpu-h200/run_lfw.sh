@@ -10,7 +10,7 @@
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-480}
 # tensor: images decoded once onto the GPU, RandomResizedCrop there (the first session's PIL loader,
-# LOADER=torch with 2 workers a run, fed 645 img/s per run and no run finished)
+# LOADER=torch with 2 workers a run, fed about 675 img/s per run and no run finished)
 LOADER=${LOADER:-tensor}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 R=/dev/shm/lfw; rm -rf $R; mkdir -p $R
