@@ -163,19 +163,22 @@ def make_plain_loop(model, x, y, batch_size, device, amp, channels_last):
     batches already on the device (the first ones of the set, normalised once, no
     augmentation). Returns (step, batches)."""
     fmt = torch.channels_last if channels_last == "on" else torch.contiguous_format
-    images = torch.from_numpy(x[:4 * batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
-    images = ((images - 0.5) / 0.25).contiguous(memory_format=fmt)  # (4B, 3, H, W)
-    labels = torch.from_numpy(y[:4 * batch_size]).to(device)
-    batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, 4 * batch_size, batch_size)]
+    n = min(4, len(x) // batch_size) * batch_size                          # whole batches only (run_cell checks >= 1)
+    images = torch.from_numpy(x[:n]).to(device).permute(0, 3, 1, 2).float().div(255)
+    images = ((images - 0.5) / 0.25).contiguous(memory_format=fmt)          # (n, 3, H, W)
+    labels = torch.from_numpy(y[:n]).to(device)
+    batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n, batch_size)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     dtype = utils.AMP_DTYPES.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")     # the textbook fp16 loop
 
     def step(images, labels):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(images)["logits"], labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     def cycle():
         while True:
@@ -250,10 +253,14 @@ def grid_cells(args):
 
 def run_grid(args, device):
     arrays = load_train_arrays(args.data_path, args.image_size)
+    if args.data_path is not None:
+        args.image_size = arrays[0].shape[1]  # every cell at the stored size (the tensor cells cannot resize)
     results = []
     for cell in grid_cells(args):
         label = " ".join(f"{k}={cell[k]}" for k in ("model", "loader", "amp", "channels_last", "compile"))
         reason = skip_reason(device, cell["amp"], cell["compile"])
+        if len(arrays[1]) < args.batch_size:  # no whole batch: the loaders would yield nothing
+            reason = f"--batch-size {args.batch_size} is larger than the {len(arrays[1])} images"
         if reason is None:
             try:
                 rates = run_cell(args, cell, arrays, device)
@@ -404,6 +411,7 @@ def main(args):
     # Fewer steps by default on CPU, where a resnet32 step at B=128 takes seconds:
     # the default run stays near 2 minutes on 2 cores.
     on_cpu = device.type == "cpu"
+    torch.backends.cudnn.benchmark = True  # as train.py without --deterministic
     args.warmup = (2 if on_cpu else 5) if args.warmup is None else args.warmup
     args.steps_per_window = (2 if on_cpu else 5) if args.steps_per_window is None else args.steps_per_window
     info = device_info(device)
@@ -447,7 +455,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--models", default="resnet32", type=_choices(models.MODEL_NAMES),
                         help="comma list of models.MODEL_NAMES")
     parser.add_argument("--batch-size", default=128, type=int)
-    parser.add_argument("--image-size", default=32, type=int, help="side of the random images and the model's input")
+    parser.add_argument("--image-size", default=32, type=int,
+                        help="side of the random images and the model's input (with --data-path: the stored side)")
     parser.add_argument("--loaders", default="torch,tensor", type=_choices(LOADERS))
     parser.add_argument("--amp", default="none", type=_choices(AMP_MODES), help="none, bf16, fp16")
     parser.add_argument("--channels-last", default="off", type=_choices(("off", "on")))

@@ -520,10 +520,7 @@ def load_cifar(name, root, download, transforms, fetch_if_missing=False):
     pytorch-cifar do; else one line saying how to get it."""
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     archive, size, folder = CIFAR_ARCHIVES[name]
-    try:
-        if download or fetch_if_missing:
-            cls(root, train=True, download=False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+    if (download or fetch_if_missing) and not os.path.isdir(os.path.join(root, folder)):
         download = True
         print(f"{name} not found in {os.path.abspath(root)}: downloading it there ({archive}, {size}) once",
               flush=True)
@@ -1180,12 +1177,18 @@ def _decode_files(dataset):
     """(N, H, W, 3) uint8 of every image of a ``FileListDataset``, decoded once (kept on
     the dataset); images of different sizes are one DataError."""
     if getattr(dataset, "decoded", None) is None:
-        arrays = [np.asarray(load_image(path)) for path, _ in dataset.samples]
-        odd = next((path for (path, _), a in zip(dataset.samples, arrays) if a.shape != arrays[0].shape), None)
+        sizes = []
+        for path, _ in dataset.samples:  # from the headers first: a folder of mixed sizes stops before decoding
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except (OSError, SyntaxError, ValueError):
+                load_image(path)  # its one-line DataError
+        odd = next((path for (path, _), size in zip(dataset.samples, sizes) if size != sizes[0]), None)
         if odd is not None:
-            raise DataError(f"--loader tensor needs images of one size: {odd} is not {arrays[0].shape[1]}x"
-                            f"{arrays[0].shape[0]} like {dataset.samples[0][0]}; pass --loader torch")
-        dataset.decoded = np.stack(arrays)
+            raise DataError(f"--loader tensor needs images of one size: {odd} is not {sizes[0][0]}x{sizes[0][1]} "
+                            f"like {dataset.samples[0][0]}; pass --loader torch")
+        dataset.decoded = np.stack([np.asarray(load_image(path)) for path, _ in dataset.samples])
     return dataset.decoded
 
 

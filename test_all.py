@@ -255,10 +255,8 @@ def test_load_partial_state_dict_skips_the_mismatched_head():
 # Data
 # ----------------------------------------------------------------------------------
 def _train_loader(args, train_set, device=torch.device("cpu")):
-    """data.make_train_loader with the run's flags, as train.build passes them."""
-    return data.make_train_loader(
-        train_set, args.batch_size, device, args.seed, args.loader, args.sampler, args.workers, args.normalize,
-        args.loss in train.HYBRID_LOSSES, args.positives, args.image_size, args.dataset in data.SMALL_DATASETS)
+    """The run's training loader, as train.build makes it."""
+    return utils.train_loader_from_args(args, train_set, device, args.loss in train.HYBRID_LOSSES)
 
 
 def _write_npz(path, n_train=40, n_test=20, classes=4, side=32, **override):
@@ -2870,6 +2868,46 @@ def test_momentum_buffers_take_the_channels_last_strides_and_values():
         assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # the case under test happened
         for plain, nhwc in zip(buffers[False], buffers[True]):
             assert torch.allclose(plain, nhwc, rtol=1e-3, atol=1e-5), (plain - nhwc).abs().max()
+
+
+def test_resume_with_other_channels_last_keeps_the_momentum():
+    """A run saved with --channels-last and resumed without it (and the reverse) gets each
+    momentum buffer back with its values and its weight's strides (utils.match_momentum_layouts),
+    and ends near an uninterrupted run: within 2e-2 of its weights after 3 more steps, where the
+    layouts' own rounding moves them 3e-3 and the unmatched buffers (the CPU's fused SGD walking
+    them in the weight's memory order) 6e-2. A checkpoint from before the fix (channels-last
+    run, buffers with contiguous strides holding NHWC memory) is read as NHWC."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8)
+        common = ["--dataset", "npz", "--data-path", npz, "--model", "resnet20", "--batch-size", "8",
+                  "--workers", "0", "--device", "cpu", "--milestones", "--lr", "0.05"]
+        for first, second in ((["--channels-last"], []), ([], ["--channels-last"])):
+            whole, cut = os.path.join(d, "whole"), os.path.join(d, "cut")
+            assert train.main(train.parse_args(common + first + ["--iters", "6", "--output-dir", whole])) == 0
+            assert train.main(train.parse_args(common + first + ["--iters", "3", "--output-dir", cut])) == 0
+            saved = torch.load(os.path.join(cut, "checkpoint.pth"), weights_only=True)["optimizer"]["state"]
+            args = train.parse_args(common + second + ["--iters", "6", "--output-dir", cut, "--resume", "auto"])
+            b = train.build(args, 0, 1, torch.device("cpu"))
+            utils.resume(args, *(b[k] for k in ("model", "criterion", "optimizer", "scheduler", "scaler")))
+            params = b["optimizer"].param_groups[0]["params"]
+            for i, p in enumerate(params):
+                buf = b["optimizer"].state[p]["momentum_buffer"]
+                assert torch.equal(buf, saved[i]["momentum_buffer"]) and buf.stride() == p.stride(), i
+            assert train.main(args) == 0
+            a, b = (torch.load(os.path.join(f, "checkpoint.pth"), weights_only=True)["model"] for f in (whole, cut))
+            assert max((a[k].float() - b[k].float()).abs().max() for k in a) < 2e-2
+            shutil.rmtree(whole), shutil.rmtree(cut)
+    logical = torch.randn(4, 3, 5, 5)                                       # the values SGD meant
+    old = logical.permute(0, 2, 3, 1).contiguous().reshape(4, 3, 5, 5)     # NHWC memory under NCHW strides
+    for channels_last in (True, False):
+        weight = torch.nn.Parameter(torch.zeros(4, 3, 5, 5))
+        if channels_last:
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+        optimizer.state[weight]["momentum_buffer"] = old.clone()
+        utils.match_momentum_layouts(optimizer, saved_channels_last=True)
+        buf = optimizer.state[weight]["momentum_buffer"]
+        assert torch.equal(buf, logical) and buf.stride() == weight.stride()
 
 
 # ----------------------------------------------------------------------------------

@@ -396,7 +396,7 @@ def main(args):
 
 def build(args, rank, world_size, device):
     """Everything a run needs, built in a fixed order (it fixes the RNG draws), and
-    checked before anything is written. Returns a dict of the parts."""
+    checked before anything is written (but a first CIFAR run's ./data). Returns a dict of the parts."""
     utils.seed_everything((args.seed + rank) % 2 ** 32, args.deterministic)  # own dropout per rank; DDP copies its init
     if args.amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
@@ -417,9 +417,8 @@ def build(args, rank, world_size, device):
                                                   args.compile, unused_parameters=args.loss == "mksmt")
     optimizer = build_optimizer(args, model, criterion)  # after channels-last: buffers take the weights' strides
     train_criterion = utils.prepare_criterion(criterion, world_size)
-    train_loader, sampler = data.make_train_loader(
-        train_set, args.batch_size, device, args.seed, args.loader, args.sampler, args.workers, args.normalize,
-        args.loss in HYBRID_LOSSES, args.positives, args.image_size, args.dataset in data.SMALL_DATASETS, rank, world_size)
+    train_loader, sampler = utils.train_loader_from_args(args, train_set, device, args.loss in HYBRID_LOSSES, rank,
+                                                         world_size)
     eval_normalize = None if args.loader == "torch" else args.normalize
     eval_loaders = {name: data.make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
                                                 device, rank, world_size, eval_normalize)
@@ -553,8 +552,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--wd", type=utils.NON_NEGATIVE, default=1e-4, help="weight decay of the network")
     g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150], help="lr x --gamma at these")
     g.add_argument("--warmup-iters", type=utils.COUNT, default=0)
-    g.add_argument("--warmup-epochs", type=utils.COUNT, default=0, metavar="N",
-                   help="lr x (e + 1) / N in epoch e < N (LDAM-DRW's warm-up, stepped per epoch)")
+    group("epoch warm-up", ("--warmup-iters 0", lambda a: a.warmup_iters == 0)).add_argument(
+        "--warmup-epochs", type=utils.COUNT, default=0, metavar="N", help="lr x (e + 1) / N in epoch e < N (LDAM-DRW's)")
     group("epochs", ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0)).add_argument(
         "--epochs", type=utils.AT_LEAST_1, default=200)
     g = group("milestones", ("--milestones", lambda a: bool(a.milestones)))

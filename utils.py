@@ -302,6 +302,24 @@ def fused_sgd_works(device):
         return False
 
 
+def match_momentum_layouts(optimizer, saved_channels_last):
+    """Give every loaded momentum buffer its weight's memory layout, keeping its values:
+    SGD's fused kernel walks buffer and weight in memory order (CUDA refuses differing
+    strides; the CPU kernel silently mixes them up), and a run may resume with another
+    --channels-last. A channels-last run saved before the optimizer was built after the
+    conversion holds 4-d buffers with contiguous strides but the weight's NHWC memory
+    order: those are read back as NHWC."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            if saved_channels_last and buf.dim() == 4 and buf.is_contiguous():  # (N, C, H, W) labels, NHWC memory
+                n, c, h, w = buf.shape  # (where both layouts coincide, e.g. 1x1 kernels, this reads the same values)
+                buf = buf.reshape(n, h, w, c).permute(0, 3, 1, 2)
+            optimizer.state[p]["momentum_buffer"] = buf if buf.stride() == p.stride() else torch.empty_like(p).copy_(buf)
+
+
 def init_momentum_buffers(optimizer):
     """Give every parameter with momentum a zero momentum buffer before its first step.
     SGD with dampening 0 then computes buf = 0.9 * 0 + g = g on the first step, the
@@ -679,6 +697,7 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         init_momentum_buffers(optimizer)  # a checkpoint from before a parameter's first step
+        match_momentum_layouts(optimizer, ckpt["args"].get("channels_last", False))
         scheduler.load_state_dict(ckpt["scheduler"])
     except (ValueError, KeyError) as e:
         raise data.DataError(f"checkpoint {path} was trained with other optimizer groups "
@@ -846,16 +865,30 @@ def strict_json(value):
 # Datasets from the flags (the loaders are data.make_train_loader / make_test_loader)
 # ----------------------------------------------------------------------------------
 def build_datasets_from_args(args):
-    """data.build_datasets with the run's flags; with --skip-corrupt, says how many images it dropped."""
+    """data.build_datasets with the run's flags; with --skip-corrupt, says how many images it dropped.
+    Distributed, rank 0 builds first (and fetches CIFAR into ./data if it has to), the others after it."""
+    first = dist.is_available() and dist.is_initialized() and dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized() and not first:
+        dist.barrier()  # wait for rank 0's download, if any
     train_set, test_set, num_classes = data.build_datasets(
         args.dataset, args.data_path, download=args.download, image_size=args.image_size,
         normalize=args.normalize, lfw_top_k=args.lfw_top_k, cub_classes=args.cub_classes,
         split_seed=args.split_seed, skip_corrupt=getattr(args, "skip_corrupt", False),
         imbalance_ratio=getattr(args, "imbalance_ratio", None))
+    if first:
+        dist.barrier()
     if getattr(args, "skip_corrupt", False):
         dropped = getattr(train_set, "dropped", []) + getattr(test_set, "dropped", [])
         print(f"--skip-corrupt: dropped {len(dropped)} unreadable images" + "".join(f" (e.g. {d})" for d in dropped[:1]))
     return train_set, test_set, num_classes
+
+
+def train_loader_from_args(args, train_set, device, two_streams=False, rank=0, world_size=1):
+    """data.make_train_loader with the run's flags. Returns (loader, sampler)."""
+    return data.make_train_loader(
+        train_set, args.batch_size, device, args.seed, loader=args.loader, sampler=args.sampler, workers=args.workers,
+        normalize=args.normalize, two_streams=two_streams, positives=args.positives, image_size=args.image_size,
+        small=args.dataset in data.SMALL_DATASETS, rank=rank, world_size=world_size)
 
 
 def split_off_validation(args, train_set, test_set):
