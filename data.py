@@ -1132,19 +1132,22 @@ def _uint8_source(dataset):
     return array if ok else None
 
 
+def _base(dataset):
+    """The dataset under any (nested) Subsets."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def stored_size(dataset):
     """(H, W) of the uint8 images behind an ArrayDataset / torchvision CIFAR set or a
     (nested) Subset of one, else None."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    array = _uint8_source(dataset)
+    array = _uint8_source(_base(dataset))
     return None if array is None else tuple(array.shape[1:3])
 
 
 def _transform_steps(dataset):
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    transform = getattr(dataset, "transform", None)
+    transform = getattr(_base(dataset), "transform", None)
     return getattr(transform, "transforms", [transform])
 
 
@@ -1154,10 +1157,7 @@ def can_use_tensor_loader(dataset, files=False):
     ignores the dataset's own transform. ``files``: also a ``FileListDataset`` (LFW)
     trained with ``T.RandomResizedCrop``, decoded once into memory (its images must
     share one size; ``dataset_uint8`` checks)."""
-    base = dataset
-    while isinstance(base, torch.utils.data.Subset):
-        base = base.dataset
-    steps = _transform_steps(dataset)
+    base, steps = _base(dataset), _transform_steps(dataset)
     if files and isinstance(base, FileListDataset):
         return any(isinstance(t, T.RandomResizedCrop) for t in steps)
     if any(isinstance(t, T.Resize) for t in steps):
