@@ -43,12 +43,12 @@ SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 
 
 def assert_data_error(fn, *fragments):
-    """``fn()`` raises DataError whose one-line message holds every fragment."""
+    """``fn()`` raises DataError whose one-line message holds every fragment; returns the message."""
     try:
         fn()
     except data.DataError as e:
         assert all(f in str(e) for f in fragments) and "\n" not in str(e), str(e)
-        return
+        return str(e)
     raise AssertionError("no DataError raised")
 
 
@@ -283,12 +283,12 @@ def test_npz_dataset_and_malformed_file():
         image, label = train_set[5]
         assert image.shape == (3, 32, 32) and label == 1 and image.dtype == torch.float32
         bad = _write_npz(os.path.join(d, "bad.npz"), y_test=None)
-        _expect_data_error(lambda: data.build_datasets("npz", bad), "y_test")
-        _expect_data_error(lambda: data.build_datasets("npz", os.path.join(d, "none.npz")), "--data-path")
+        assert_data_error(lambda: data.build_datasets("npz", bad), "y_test")
+        assert_data_error(lambda: data.build_datasets("npz", os.path.join(d, "none.npz")), "--data-path")
         # an array numpy reads only with pickle: one line, not a traceback
         pickled = os.path.join(d, "pickled.npz")
         np.savez(pickled, **dict(np.load(path)), classes=np.array(["a", 1, None, 2.0], dtype=object))
-        _expect_data_error(lambda: data.build_datasets("npz", pickled), "cannot read")
+        assert_data_error(lambda: data.build_datasets("npz", pickled), "cannot read")
         # images stored at another size: train and test both resized to --image-size, whichever loader reads
         # them (16 px: a 32-px crop of the padded 24 px would fail); at their own size, the tensor loader
         for side, image_size, tensor_path in ((16, 32, False), (40, 32, False), (40, 40, True)):
@@ -303,18 +303,9 @@ def test_npz_dataset_and_malformed_file():
         (views, _), (ce_batch, _) = next(iter(_train_loader(args, train_set)[0]))
         assert views.shape == (4, 2, 3, 32, 32) and ce_batch.shape == (4, 3, 32, 32)
         args = train.parse_args(flags + ["--loader", "tensor"])
-        _expect_data_error(lambda: data.use_tensor_loader(train_set, args.loader), "pass --image-size 16 (its stored size)")
+        assert_data_error(lambda: data.use_tensor_loader(train_set, args.loader), "pass --image-size 16 (its stored size)")
         mixed = _write_npz(os.path.join(d, "mixed.npz"), x_test=np.zeros((20, 40, 40, 3), np.uint8))
-        _expect_data_error(lambda: data.build_datasets("npz", mixed), "store both at one size")
-
-
-def _expect_data_error(fn, fragment):
-    try:
-        fn()
-    except data.DataError as e:
-        assert fragment in str(e) and "\n" not in str(e), str(e)
-        return str(e)
-    raise AssertionError("no DataError raised")
+        assert_data_error(lambda: data.build_datasets("npz", mixed), "store both at one size")
 
 
 def test_seed001_pixel_scaling_and_cifar_std():
@@ -345,7 +336,7 @@ def test_lfw_top_k_ties_split_and_grayscale():
         test_set.transform = None
         pixels = np.asarray(test_set[0][0])
         assert pixels.shape == (40, 40, 3) and (pixels == pixels[..., :1]).all()  # gray -> 3 equal channels
-        _expect_data_error(lambda: data.build_datasets("lfw", os.path.join(d, "Dan_E")), "--data-path")
+        assert_data_error(lambda: data.build_datasets("lfw", os.path.join(d, "Dan_E")), "--data-path")
 
 
 def _write_cub(root, classes=3, per_class=5):
@@ -374,14 +365,14 @@ def test_cub_official_split_and_first_n_classes():
         assert train_set[0][0].shape == (3, 32, 32)
         sub_train, sub_test, k = data.build_datasets("cub", d, image_size=32, cub_classes=2)
         assert k == 2 and sorted(sub_train.targets) == [0] * 4 + [1] * 4 and len(sub_test) == 2
-        _expect_data_error(lambda: data.build_datasets("cub", d, image_size=32, cub_classes=4), "has 3 classes")
+        assert_data_error(lambda: data.build_datasets("cub", d, image_size=32, cub_classes=4), "has 3 classes")
         os.remove(os.path.join(d, "train_test_split.txt"))
-        _expect_data_error(lambda: data.build_datasets("cub", d), "train_test_split.txt")
+        assert_data_error(lambda: data.build_datasets("cub", d), "train_test_split.txt")
     with tmpdir() as d:
         _write_cub(d)
         with open(os.path.join(d, "image_class_labels.txt"), "a") as f:
             f.write("999\n")
-        _expect_data_error(lambda: data.build_datasets("cub", d), "malformed")
+        assert_data_error(lambda: data.build_datasets("cub", d), "malformed")
 
 
 def test_imagefolder_dataset():
@@ -392,12 +383,12 @@ def test_imagefolder_dataset():
         train_set, test_set, k = data.build_datasets("imagefolder", d, image_size=32)
         assert k == 2 and len(train_set) == 2 and test_set[1][1] == 1
         shutil.rmtree(os.path.join(d, "val"))
-        _expect_data_error(lambda: data.build_datasets("imagefolder", d), "val")
+        assert_data_error(lambda: data.build_datasets("imagefolder", d), "val")
 
 
 def test_missing_cifar_says_download():
     with tmpdir() as d:
-        _expect_data_error(lambda: data.build_datasets("cifar10", d), "--download")
+        assert_data_error(lambda: data.build_datasets("cifar10", d), "--download")
 
 
 def test_cifar_without_data_path_is_fetched_on_first_use_and_no_network_is_one_line():
@@ -418,13 +409,13 @@ def test_cifar_without_data_path_is_fetched_on_first_use_and_no_network_is_one_l
             cwd = os.getcwd()
             os.chdir(d)
             try:
-                message = _expect_data_error(lambda: data.build_datasets("cifar10"), "--data-path DIR")
+                message = assert_data_error(lambda: data.build_datasets("cifar10"), "--data-path DIR")
                 assert calls == ["./data"] and "no network?" in message and "\n" not in message, message
                 assert "cifar-10-batches-py" in message and "cifar-10-python.tar.gz" in message
                 assert out.getvalue().startswith(f"cifar10 not found in {os.path.join(os.getcwd(), 'data')}: "
                                                  f"downloading it there (cifar-10-python.tar.gz, 170 MB) once")
-                _expect_data_error(lambda: data.build_datasets("cifar10", "given"), "pass --download")
-                _expect_data_error(lambda: data.build_datasets("npz", "x.npz"), "--data-path")
+                assert_data_error(lambda: data.build_datasets("cifar10", "given"), "pass --download")
+                assert_data_error(lambda: data.build_datasets("npz", "x.npz"), "--data-path")
                 assert calls == ["./data"]  # the given folder and the file dataset fetched nothing
             finally:
                 os.chdir(cwd)
@@ -1193,22 +1184,9 @@ def test_deterministic_flag():
 # ----------------------------------------------------------------------------------
 # MKSMT parts (seed 002): KD losses, OPM, official Swin weights, NABirds / Dogs, Grad-CAM
 # ----------------------------------------------------------------------------------
-def _tmpdir():
-    return tempfile.mkdtemp(prefix="test_mksmt_")
-
-
 def _jpeg_file(path, side=24, colour=(200, 100, 0)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", (side, side), colour).save(path)
-
-
-def _data_error(fn, fragment):
-    try:
-        fn()
-    except data.DataError as e:
-        assert fragment in str(e) and "\n" not in str(e), str(e)
-        return str(e)
-    raise AssertionError("no DataError raised")
 
 
 # ----------------------------------------------------------------------------------
@@ -1380,14 +1358,11 @@ def test_swin_official_checkpoint_round_trip():
             super().__init__()
             self.net = _tiny_swin(seed=2, num_classes=7)
 
-    d = _tmpdir()
-    try:
+    with tmpdir() as d:
         path = os.path.join(d, "swin_official.pth")
         torch.save({"model": official}, path)
         holder = Holder()
         report = models.load_swin_official(holder, path)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
     assert sorted(report["missing"]) == ["net.head.bias", "net.head.weight"]
     assert len(report["skipped_shape"]) == 2 and all(s.startswith("head.") for s in report["skipped_shape"])
     with torch.no_grad():
@@ -1484,8 +1459,7 @@ def _write_nabirds(d):
 
 
 def test_nabirds_uuid_ids_and_non_contiguous_classes():
-    d = _tmpdir()
-    try:
+    with tmpdir() as d:
         _write_nabirds(d)
         train_set, test_set, k = data.build_datasets("nabirds", d, image_size=16)
         assert k == 3 and train_set.classes == ["Great Blue Heron", "Mallard (Male)", "Wood Duck"]
@@ -1496,33 +1470,27 @@ def test_nabirds_uuid_ids_and_non_contiguous_classes():
         os.remove(os.path.join(d, "classes.txt"))
         assert data.build_datasets("nabirds", d, image_size=16)[0].classes == ["295", "817", "1000"]
         os.remove(os.path.join(d, "train_test_split.txt"))
-        _data_error(lambda: data.build_datasets("nabirds", d), "train_test_split.txt")
+        assert_data_error(lambda: data.build_datasets("nabirds", d), "train_test_split.txt")
         _write_nabirds(d)
         with open(os.path.join(d, "image_class_labels.txt"), "a") as f:
             f.write("deadbeef-0000-4000-8000-000000000000 heron\n")
-        _data_error(lambda: data.build_datasets("nabirds", d), "malformed")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        assert_data_error(lambda: data.build_datasets("nabirds", d), "malformed")
 
 
 def test_nabirds_and_dogs_missing_data_one_line_errors():
-    d = _tmpdir()
-    try:
-        message = _data_error(lambda: data.load_nabirds(d, (None, None)), os.path.join(d, "images.txt"))
+    with tmpdir() as d:
+        message = assert_data_error(lambda: data.load_nabirds(d, (None, None)), os.path.join(d, "images.txt"))
         assert "--data-path" in message
         _write_nabirds(d)
         shutil.rmtree(os.path.join(d, "images"))
-        _data_error(lambda: data.build_datasets("nabirds", d), "images")
-        _data_error(lambda: data.build_datasets("dogs", d), os.path.join(d, "train"))
-        _data_error(lambda: data.build_datasets("dogs", os.path.join(d, "nowhere")), "does not exist")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        assert_data_error(lambda: data.build_datasets("nabirds", d), "images")
+        assert_data_error(lambda: data.build_datasets("dogs", d), os.path.join(d, "train"))
+        assert_data_error(lambda: data.build_datasets("dogs", os.path.join(d, "nowhere")), "does not exist")
 
 
 def test_dogs_imagefolder_with_test_or_val():
     for test_split in ("test", "val"):
-        d = _tmpdir()
-        try:
+        with tmpdir() as d:
             for split, n in (("train", 2), (test_split, 1)):
                 for breed in ("n02085620-Chihuahua", "n02085782-Japanese_spaniel"):
                     for i in range(n):
@@ -1532,9 +1500,7 @@ def test_dogs_imagefolder_with_test_or_val():
             assert test_set.classes[1] == "n02085782-Japanese_spaniel" and test_set.targets == [0, 1]
             assert train_set[3][0].shape == (3, 16, 16)
             shutil.rmtree(os.path.join(d, test_split, "n02085620-Chihuahua"))
-            _data_error(lambda: data.build_datasets("dogs", d), "different class folders")
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
+            assert_data_error(lambda: data.build_datasets("dogs", d), "different class folders")
     assert data.DEFAULT_NORMALIZE["nabirds"] == data.DEFAULT_NORMALIZE["dogs"] == "imagenet"
 
 
@@ -1652,8 +1618,7 @@ def test_save_overlays_writes_blended_pngs():
     cams = torch.zeros(2, 6, 5)
     cams[1] = 1.0
     cams[1, 0, 0] = 0.5
-    d = _tmpdir()
-    try:
+    with tmpdir() as d:
         paths = evaluate.save_overlays(images, cams, os.path.join(d, "sub", "cam"))
         assert len(paths) == 2 and all(os.path.isfile(p) for p in paths)
         pixels = []
@@ -1666,8 +1631,6 @@ def test_save_overlays_writes_blended_pngs():
             want = tuple(round(0.5 * images[b, ch, i, j].item() + 0.5 * 255 * colour[ch]) for ch in range(3))
             got = pixels[b][j, i]
             assert all(abs(g - w) <= 1 for g, w in zip(got, want)), (b, got, want)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_complexity_counts_conv_and_linear_by_hand():
@@ -1774,9 +1737,9 @@ def test_long_tailed_sizes_and_subset():
     assert lt.indices != data.long_tailed_subset(base, 10, seed=2).indices  # the shuffle is seeded
     assert all(base.targets[i] == t for i, t in zip(lt.indices, lt.targets))
     # a cut that empties a class is refused: n_max 50 at beta 100 gives the last class int(0.5) = 0
-    _expect_data_error(lambda: data.long_tailed_subset(base, 100), "leaves 1 of 4 classes empty")
+    assert_data_error(lambda: data.long_tailed_subset(base, 100), "leaves 1 of 4 classes empty")
     missing = data.ArrayDataset(np.zeros((150, 4, 4, 3), np.uint8), labels[:150], ["a", "b", "c", "d"])  # no "d"
-    _expect_data_error(lambda: data.long_tailed_subset(missing, 2), "leaves 4 of 4 classes empty")
+    assert_data_error(lambda: data.long_tailed_subset(missing, 2), "leaves 4 of 4 classes empty")
 
 
 def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_set():
@@ -2524,7 +2487,7 @@ def test_tensor_loader_on_an_lfw_folder():
                                                     "--output-dir", os.path.join(d, "run")])) == 0
         _jpeg(os.path.join(d, "Ann_A", "Ann_A_0007.jpg"), side=32)
         odd = utils.build_datasets_from_args(args)[0]
-        _expect_data_error(lambda: _train_loader(args, odd), "--loader tensor needs images of one size")
+        assert_data_error(lambda: _train_loader(args, odd), "--loader tensor needs images of one size")
 
 
 def test_tensor_loader_batches_shapes_and_normalisation():
