@@ -245,7 +245,9 @@ def main(args):
     if train_args.few_threshold > train_args.many_threshold:
         raise data.DataError(f"few threshold {train_args.few_threshold} is above many threshold "
                              f"{train_args.many_threshold}")
-    if args.data_path:
+    if args.dataset:  # another copy of the data (the official CIFAR-10 for a model trained on an npz copy)
+        train_args.dataset, train_args.data_path = args.dataset, args.data_path
+    elif args.data_path:
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
     train_set, test_set, num_classes = build_datasets_from_args(train_args)
@@ -268,15 +270,15 @@ def main(args):
         result["complexity"] = report_complexity(train_args, num_classes,
                                                  train_args.image_size or (32 if small else 224))
     result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
-    result.update(checkpoint=args.checkpoint, epoch=ckpt["epoch"], iteration=ckpt["iteration"],
-                  train_counts=dict(zip(test_set.classes, train_counts)),
+    result.update(checkpoint=args.checkpoint, dataset=train_args.dataset, epoch=ckpt["epoch"],
+                  iteration=ckpt["iteration"], train_counts=dict(zip(test_set.classes, train_counts)),
                   many_threshold=train_args.many_threshold, few_threshold=train_args.few_threshold)
     if args.json:
         print(json.dumps(strict_json(result), allow_nan=False))
     else:
         print(f"{args.checkpoint} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}): "
               f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-              f"balanced top1 {result['balanced_top1']:.2f} on {result['n']} test images")
+              f"balanced top1 {result['balanced_top1']:.2f} on {result['n']} test images of {result['dataset']}")
         if sum(result.get(g + "_top1") is not None for g in ("many", "medium", "few")) > 1:
             print("  many / medium / few-shot top1 (> {} / {}-{} / < {} training images): ".format(
                   train_args.many_threshold, train_args.few_threshold, train_args.many_threshold,
@@ -302,6 +304,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--checkpoint", help="checkpoint.pth written by train.py")
     p.add_argument("--probe", help="gradient_probe.csv of train.py --probe-gradients: plot it")
     p.add_argument("--data-path", help="where the test data lives now (default: as in training)")
+    p.add_argument("--dataset", choices=data.DATASETS, help="evaluate on another copy of the training's data, e.g. "
+                   "cifar10 (with --data-path DIR) for a model trained on an npz copy of it (default: as in training)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=256)
     p.add_argument("--workers", type=COUNT, default=2)

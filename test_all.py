@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -2230,6 +2231,53 @@ def test_multistep_counts_updates_and_kd_variants():
         assert finite and len(calls) == steps, (extra, len(calls))
         assert set(parts) == {f"ce_s{s}" for s in heads} | {"kd"}
         assert (parts["kd"].item() == 0) == ("none" in extra)
+
+
+def _write_cifar10_batches(root, arrays):
+    """torchvision's cifar-10-batches-py layout (pickled dicts, CHW rows) holding ``arrays``' images."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rows = {k: np.ascontiguousarray(v.transpose(0, 3, 1, 2)).reshape(len(v), -1) for k, v in arrays.items()
+            if k.startswith("x_")}
+    parts = np.array_split(np.arange(len(rows["x_train"])), 5)
+    batches = {f"data_batch_{i + 1}": (rows["x_train"][p], arrays["y_train"][p]) for i, p in enumerate(parts)}
+    batches["test_batch"] = rows["x_test"], arrays["y_test"]
+    for name, (x, y) in batches.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": x, "labels": [int(v) for v in y]}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def test_evaluate_on_another_copy_of_the_data():
+    """A model trained on an npz copy of CIFAR-10 evaluated on torchvision's CIFAR-10 (--dataset
+    cifar10 --data-path DIR) holding the same pixels: the same numbers, at the training's
+    normalisation (Wu's x*2/255-1 here, not CIFAR-10's default mean / std)."""
+    with tmpdir() as d:
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=20, n_test=10, classes=10)
+        _write_cifar10_batches(d, dict(np.load(npz)))
+        out = os.path.join(d, "r")
+        assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                            "--normalize", "seed001", "--batch-size", "10", "--workers", "0",
+                                            "--iters", "2", "--output-dir", out])) == 0
+        checkpoint = os.path.join(out, "checkpoint.pth")
+        cifar = torchvision.datasets.cifar
+        integrity, cifar.check_integrity = cifar.check_integrity, lambda *_: True  # not the real files' md5
+        try:
+            results = []
+            for flags in ([], ["--dataset", "cifar10", "--data-path", d]):
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    assert evaluate.main(evaluate.get_args_parser().parse_args(
+                        ["--checkpoint", checkpoint, "--json", "--workers", "0", "--device", "cpu"] + flags)) == 0
+                results.append(json.loads(printed.getvalue().splitlines()[-1]))
+        finally:
+            cifar.check_integrity = integrity
+        logged = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+        assert [r["dataset"] for r in results] == ["npz", "cifar10"] and results[1]["n"] == 10
+        assert math.isclose(results[0]["loss"], logged["test_loss"], rel_tol=1e-6)
+        assert math.isclose(results[1]["loss"], results[0]["loss"], rel_tol=1e-6), results
+        assert results[1]["per_class"] == dict(zip([f"c{i}" for i in range(10)], results[0]["per_class"].values()))
 
 
 def test_evaluate_reports_every_head_and_flips():
