@@ -2019,7 +2019,8 @@ def test_readme_commands_parse():
     parsers = {"train.py": train.parse_args, "evaluate.py": lambda argv: evaluate.get_args_parser().parse_args(argv)}
     seen = {name: 0 for name in parsers}
     with open(os.path.join(HERE, "README.md")) as f:
-        lines = [line for line in f.read().splitlines() if line.startswith("    ")]  # indented code blocks
+        code = "\n".join(line for line in f.read().splitlines() if line.startswith("    "))  # indented code blocks
+    lines = code.replace("\\\n", " ").splitlines()  # a command continued with a backslash is one line
     for line in lines:
         words = [w for w in shlex.split(line, comments=True) if w != "..."]
         script = next((w for w in words if w in parsers), None)
