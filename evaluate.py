@@ -238,21 +238,33 @@ def main(args):
         return 0
     defaults = vars(train_args_parser().parse_args([]))  # for flags newer than the checkpoint
     train_args = SimpleNamespace(**{**defaults, **ckpt["args"]})
-    train_args.download = False
+    train_args.download = args.download
     for name in ("many_threshold", "few_threshold"):  # regroup without retraining
         if getattr(args, name) is not None:
             setattr(train_args, name, getattr(args, name))
     if train_args.few_threshold > train_args.many_threshold:
         raise data.DataError(f"few threshold {train_args.few_threshold} is above many threshold "
                              f"{train_args.many_threshold}")
-    if args.dataset:  # another copy of the data (the official CIFAR-10 for a model trained on an npz copy)
-        train_args.dataset, train_args.data_path = args.dataset, args.data_path
+    trained_on = train_args.dataset
+    if args.dataset and args.dataset != trained_on:  # another copy (official CIFAR-10 for a model trained on an npz)
+        if (args.dataset in SMALL_DATASETS) != (trained_on in SMALL_DATASETS):
+            raise data.DataError(f"--dataset {args.dataset} is not a copy of what the model trained on ({trained_on}): "
+                                 f"32-px sets {', '.join(SMALL_DATASETS)} stand in for each other, the others likewise")
+        train_args.dataset, train_args.data_path = args.dataset, args.data_path  # None: the dataset's default place
     elif args.data_path:
         train_args.data_path = args.data_path
     device = resolve_device(args.device)
     train_set, test_set, num_classes = build_datasets_from_args(train_args)
-    train_set, _ = split_off_validation(train_args, train_set, test_set)  # many / medium / few: what it trained on
-    train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
+    classes = [str(c) for c in test_set.classes]
+    if classes != ckpt.get("classes", classes) or num_classes != ckpt.get("num_classes", num_classes):
+        learned = ckpt.get("classes", ["?"])
+        raise data.DataError(f"the test data ({train_args.dataset}) has {num_classes} classes "
+                             f"({', '.join(classes[:3])}, ...); the model learned {ckpt.get('num_classes')} "
+                             f"({', '.join(learned[:3])}, ...)")
+    train_counts = ckpt.get("train_counts")  # many / medium / few: what the model trained on
+    if train_counts is None:  # a checkpoint older than that entry: count the training split now
+        train_set, _ = split_off_validation(train_args, train_set, test_set)
+        train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     test_loader = data.make_test_loader(test_set, args.batch_size, args.workers, device,  # on the device when it fits
                                         normalize=train_args.normalize or data.DEFAULT_NORMALIZE[train_args.dataset])
     model = build_model_from_args(train_args, num_classes, load_weights=False)
@@ -269,9 +281,9 @@ def main(args):
         small = train_args.dataset in SMALL_DATASETS
         result["complexity"] = report_complexity(train_args, num_classes,
                                                  train_args.image_size or (32 if small else 224))
-    result["per_class"] = dict(zip(test_set.classes, result["per_class"]))
-    result.update(checkpoint=args.checkpoint, dataset=train_args.dataset, epoch=ckpt["epoch"],
-                  iteration=ckpt["iteration"], train_counts=dict(zip(test_set.classes, train_counts)),
+    result["per_class"] = dict(zip(classes, result["per_class"]))
+    result.update(checkpoint=args.checkpoint, dataset=train_args.dataset, data_path=train_args.data_path,
+                  epoch=ckpt["epoch"], iteration=ckpt["iteration"], train_counts=dict(zip(classes, train_counts)),
                   many_threshold=train_args.many_threshold, few_threshold=train_args.few_threshold)
     if args.json:
         print(json.dumps(strict_json(result), allow_nan=False))
@@ -304,8 +316,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--checkpoint", help="checkpoint.pth written by train.py")
     p.add_argument("--probe", help="gradient_probe.csv of train.py --probe-gradients: plot it")
     p.add_argument("--data-path", help="where the test data lives now (default: as in training)")
-    p.add_argument("--dataset", choices=data.DATASETS, help="evaluate on another copy of the training's data, e.g. "
-                   "cifar10 (with --data-path DIR) for a model trained on an npz copy of it (default: as in training)")
+    p.add_argument("--dataset", choices=data.DATASETS, help="test on another copy of the training's data, e.g. "
+                   "cifar10 for a model trained on an npz copy of it (default: as in training); same classes required")
+    p.add_argument("--download", action="store_true", help="fetch a CIFAR --dataset into --data-path if missing")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=256)
     p.add_argument("--workers", type=COUNT, default=2)

@@ -429,13 +429,14 @@ def build(args, rank, world_size, device):
     summary = utils.run_summary(args.model, models.count_parameters(model), (train_set, val_set, test_set), num_classes,
                                 (iters_per_epoch, total_iters, epochs), device, world_size,
                                 "tensor" if data.use_tensor_loader(train_set, args.loader) else "torch")
+    train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
+    facts = dict(num_classes=num_classes, classes=[str(c) for c in test_set.classes], train_counts=train_counts)
     return dict(model=model, train_model=train_model, eval_model=eval_model, criterion=criterion,
-                train_criterion=train_criterion,
-                optimizer=optimizer, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
-                scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
+                train_criterion=train_criterion, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
+                optimizer=optimizer, scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
                 train_loader=train_loader, sampler=sampler, eval_loaders=eval_loaders, num_classes=num_classes,
                 iters_per_epoch=iters_per_epoch, total_iters=total_iters, epochs=epochs, summary=summary,
-                train_counts=torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist())
+                train_counts=train_counts, data_facts=facts)  # facts: in the checkpoint, for evaluate.py
 
 
 def train(args, rank, world_size, device):
@@ -452,7 +453,7 @@ def train(args, rank, world_size, device):
     run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
                     device, args.print_freq, args.save_every, args.skip_nonfinite,
                     save=lambda: utils.save_training_checkpoint(ckpt_path, rank, run, model, criterion, optimizer,
-                                                                scheduler, scaler, args, b["num_classes"]),
+                                                                scheduler, scaler, args, b["data_facts"]),
                     world_size=world_size)
     run.begin(utils.restore_progress(resumed, ckpt, rank, device) if resumed else None)
     if run.iteration >= total_iters:

@@ -619,7 +619,7 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def save_training_checkpoint(path, rank, run, model, criterion, optimizer, scheduler, scaler, args, num_classes):
+def save_training_checkpoint(path, rank, run, model, criterion, optimizer, scheduler, scaler, args, data_facts):
     """Called on every process: the RNG states of all are gathered (each process draws
     its own dropout masks), then rank 0 writes the checkpoint."""
     rng = rng_states(run.device)
@@ -627,18 +627,19 @@ def save_training_checkpoint(path, rank, run, model, criterion, optimizer, sched
         per_rank = [None] * world_size()
         dist.all_gather_object(per_rank, rng)
     if rank == 0:
-        ckpt = training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes, rng)
+        ckpt = training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, data_facts, rng)
         save_checkpoint({**ckpt, **({"rng_per_rank": per_rank} if world_size() > 1 else {})}, path)
 
 
-def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, num_classes, rng):
+def training_checkpoint(run, model, criterion, optimizer, scheduler, scaler, args, data_facts, rng):
     """The checkpoint dict: model, loss parameters (centers, prototypes), optimizer,
-    scheduler, the run's progress, the RNG states, the resolved arguments."""
+    scheduler, the run's progress, the RNG states, the resolved arguments, and
+    ``data_facts`` (num_classes, the class names, training images per class)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "criterion": criterion.state_dict() if criterion is not None else {},
             "scheduler": scheduler.state_dict(), "epoch": run.iteration // run.iters_per_epoch,
             "iteration": run.iteration, "progress": run.progress(), "rng": rng,
-            "world_size": run.world_size, "num_classes": num_classes, "args": vars(args),
+            "world_size": run.world_size, **data_facts, "args": vars(args),
             **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
 

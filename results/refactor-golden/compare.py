@@ -1,11 +1,12 @@
-"""Compare two golden records, naming the two differences the c4f0408 changes intended.
+"""Compare two golden records, naming the differences that later changes intended.
 
     python results/refactor-golden/compare.py results/refactor-golden/golden-5909c2f.json NEW.json
 
 golden.py --compare reports any difference; this prints, per run, whether it is equal apart
 from (1) metrics.jsonl's aux_weight (null since c4f0408 in a run without a head) and (2)
 momentum buffers (since 1443ed6 built after the weights turn channels-last, so they hold the
-logical values in the weights' layout), and names anything else. Temporary paths are ignored.
+logical values in the weights' layout) and (3) fields that evaluate.py --json added (dataset,
+data_path since the --dataset flag), and names anything else. Temporary paths are ignored.
 """
 import json
 import re
@@ -28,6 +29,13 @@ def compare(old, new):
             if differ:
                 buffers = all("momentum_buffer" in k for k in differ)
                 notes.append(f"{len(differ)} tensors differ" + (", all momentum buffers" if buffers else ": " + ", ".join(differ[:3])))
+        elif key == "evaluate":  # evaluate.py --json lines; fields added later are named, not counted
+            rows = [[json.loads(TMP.sub("", line)) for line in side[key]] for side in (old, new)]
+            added = sorted({k for r_old, r_new in zip(*rows) for k in r_new if k not in r_old})
+            if [{k: v for k, v in r.items() if k not in added} for r in rows[1]] != rows[0]:
+                notes.append("evaluate beyond added fields")
+            if added:
+                notes.append(f"evaluate adds {', '.join(added)}")
         elif TMP.sub("", json.dumps(old[key])) != TMP.sub("", json.dumps(new[key])):
             notes.append(key)
     return notes
