@@ -1,42 +1,50 @@
-"""Table of the seed-001 gap runs (results/resnet32-cifar10-wu/seed001-gap/run.sh): last evaluation, train CE of
-the last epoch, mean img/s of the log's progress windows; then mean +- sample std over seeds
-per variant, and the paired differences (same seed, so same initialisation and batch order)
-of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
-shifted-bf16 (the second), with their mean +- std and standard error.
+"""Table of gap runs: last evaluation (and its many / medium-shot top-1 on long-tailed data),
+train CE of the last epoch, mean img/s of the log's progress windows; then mean +- sample std
+over seeds per variant, and the paired differences (same seed, so same initialisation and batch
+order) of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
+shifted-bf16 (the second), with their mean +- std and standard error. Run folders are named
+VARIANT-itN-seedS (N iterations) or VARIANT-epN-seedS (N epochs).
 
     python results/resnet32-cifar10-wu/seed001-gap/report.py > results/resnet32-cifar10-wu/seed001-gap/report.txt
+    python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/gap   # LDAM CE's
 """
 import glob
 import json
 import os
 import re
 import statistics
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def main():
-    rows = {}  # variant-itN -> {seed: last test top-1}
-    for folder in sorted(glob.glob(os.path.join(HERE, "*-seed*/"))):
+def main(where=HERE):
+    rows = {}  # variant-itN / variant-epN -> {seed: last test top-1}
+    for folder in sorted(glob.glob(os.path.join(where, "*-seed*/"))):
         name = os.path.basename(folder.rstrip("/"))
         variant, seed = name.rsplit("-seed", 1)
-        total = int(variant.rsplit("-it", 1)[1])
+        unit = "iteration" if re.search(r"-it\d+$", variant) else "epoch"
+        total = int(re.search(r"\d+$", variant).group())
         path = os.path.join(folder, "metrics.jsonl")
         metrics = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         evals = [m for m in metrics if m.get("test_top1") is not None]
-        if not metrics or metrics[-1]["iteration"] < total:
-            print(f"{name}: unfinished ({metrics[-1]['iteration'] if metrics else 0} / {total} iterations)")
+        done = (metrics[-1][unit] + (unit == "epoch")) if metrics else 0  # epochs counted from 0
+        if done < total:
+            print(f"{name}: unfinished ({done} / {total} {unit}s)")
             continue
         rates = [float(r) for r in re.findall(r"([\d.]+) img/s", open(folder.rstrip("/") + ".log").read())]
         rows.setdefault(variant, {})[int(seed)] = evals[-1]["test_top1"]
-        print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f} at iteration {evals[-1]['iteration']} "
-              f"(evaluations: {', '.join('%.2f' % m['test_top1'] for m in evals)}); "
+        shots = "".join(f", {g} {evals[-1][f'test_{g}_top1']:.2f}" for g in ("many", "medium")
+                        if evals[-1].get(f"test_{g}_top1") is not None and evals[-1].get("test_medium_top1") is not None)
+        print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f}{shots} at iteration {evals[-1]['iteration']} "
+              f"({'evaluations' if len(evals) <= 15 else 'last 10 evaluations'}: "
+              f"{', '.join('%.2f' % m['test_top1'] for m in (evals if len(evals) <= 15 else evals[-10:]))}); "
               f"train CE last epoch {metrics[-1]['train_ce']:.4f}; {statistics.mean(rates):.0f} img/s")
     for variant, by_seed in rows.items():
         values = list(by_seed.values())
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
-    pairs = [(variant, f"base-bf16-it{variant.rsplit('-it', 1)[1]}") for variant in rows]
+    pairs = [(variant, "base-bf16-" + variant.rsplit("-", 1)[1]) for variant in rows]
     pairs += [(variant, variant.replace("shifted2-", "shifted-")) for variant in rows if variant.startswith("shifted2-")]
     for variant, reference_name in pairs:
         by_seed, reference = rows[variant], rows.get(reference_name, {})
@@ -52,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])
