@@ -7,7 +7,7 @@
 #   EPOCHS=50 bash results/hybrid-cifar10lt-full/gap/run.sh SEED VARIANT...
 #   VARIANT: base-bf16 (the decoded JPEG copy, as the full runs), shifted-bf16 (one more JPEG
 #   round at the copy's settings, shifted so that it is a fresh one: make_data.py of Wu's study),
-#   base-fp32 (no autocast)
+#   ldamcut-bf16 (the images LDAM-DRW's own cut keeps: make_ldam_cut.py), base-fp32 (no autocast)
 # The long-tailed cut keeps the same images in every variant (it draws from the labels, with
 # --split-seed 0, whatever --seed). REPO: the repository (to run a copy of this script from elsewhere).
 set -u
@@ -24,10 +24,11 @@ for variant in "$@"; do
   case $variant in
     base-bf16) npz=cifar10_full.npz; amp="--amp bf16" ;;
     shifted-bf16) npz=cifar10_full_reenc_shifted.npz; amp="--amp bf16" ;;
+    ldamcut-bf16) npz=cifar10_full_ldamcut.npz; amp="--amp bf16" ;;
     base-fp32) npz=cifar10_full.npz; amp="--amp none" ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
-  [ -f "$data/$npz" ] || { echo "$data/$npz missing: python ../shared/data/cifar10_jpeg.py $data/cifar10_full.npz, then python results/resnet32-cifar10-wu/seed001-gap/make_data.py $data/cifar10_full.npz $data" >&2; exit 2; }
+  [ -f "$data/$npz" ] || { echo "$data/$npz missing: python ../shared/data/cifar10_jpeg.py $data/cifar10_full.npz, then python results/resnet32-cifar10-wu/seed001-gap/make_data.py $data/cifar10_full.npz $data (shifted) or python results/hybrid-cifar10lt-full/gap/make_ldam_cut.py $data/cifar10_full.npz $data/cifar10_full_ldamcut.npz" >&2; exit 2; }
   out=$repo/results/hybrid-cifar10lt-full/gap/$variant-ep$epochs-seed$seed
   echo "== start $(date -u +%FT%TZ) $variant seed $seed epochs $epochs commit $pin host $(hostname)" >> "$out.log"
   (cd "$tree" && OMP_NUM_THREADS=1 nice -n "${NICE:-10}" python train.py --recipe ldam-ce-cifar10lt --dataset npz \
