@@ -30,28 +30,28 @@ class _Labels:
 def main(src, dst):
     arrays = dict(np.load(src))
     y = arrays["y_train"]
-    ours = set(data.long_tailed_subset(_Labels(y), 100.0, 0).indices)
+    ours = np.asarray(data.long_tailed_subset(_Labels(y), 100.0, 0).indices)
     counts = data.long_tailed_counts(5000, 10, 100.0)
     np.random.seed(0)  # LDAM-DRW's IMBALANCECIFAR10(rand_number=0)
-    x, check_theirs = arrays["x_train"].copy(), {}
+    x, all_theirs = arrays["x_train"].copy(), []
     for c, n in enumerate(counts):
         positions = np.flatnonzero(y == c)          # (5000,) this class, file-name order
         ranks = np.arange(len(positions))
         np.random.shuffle(ranks)                    # what LDAM's shuffle does to the class's indices
         theirs = positions[ranks[:n]]
-        in_ours = np.isin(positions, list(ours))
+        in_ours = np.isin(positions, ours)
         kept, rest = positions[in_ours], positions[~in_ours]   # where our cut looks, and the others
         others = positions[~np.isin(positions, theirs)]
         x[kept] = arrays["x_train"][theirs]
         x[rest] = arrays["x_train"][others]
         assert len(kept) == n
         print(f"class {c}: keeps {n}; ours and LDAM's share {len(np.intersect1d(theirs, kept))}")
-        check_theirs[c] = theirs
+        all_theirs += theirs.tolist()
     np.savez(dst, **arrays | {"x_train": x})
     # the cut on the new file (same labels, so the same positions) holds exactly LDAM's images
     again = np.asarray(data.long_tailed_subset(_Labels(y), 100.0, 0).indices)
     got = sorted(x[i].tobytes() for i in again)
-    want = sorted(arrays["x_train"][i].tobytes() for c in check_theirs for i in check_theirs[c])
+    want = sorted(arrays["x_train"][i].tobytes() for i in all_theirs)
     assert got == want
     print(f"wrote {dst}: its cut keeps LDAM-DRW's {len(again)} images")
 

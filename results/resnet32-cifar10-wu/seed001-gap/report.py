@@ -34,8 +34,8 @@ def main(where=HERE):
             continue
         rates = [float(r) for r in re.findall(r"([\d.]+) img/s", open(folder.rstrip("/") + ".log").read())]
         rows.setdefault(variant, {})[int(seed)] = evals[-1]["test_top1"]
-        shots = "".join(f", {g} {evals[-1][f'test_{g}_top1']:.2f}" for g in ("many", "medium")
-                        if evals[-1].get(f"test_{g}_top1") is not None and evals[-1].get("test_medium_top1") is not None)
+        long_tailed = evals[-1].get("test_medium_top1") is not None  # balanced sets: every class "many"
+        shots = "".join(f", {g} {evals[-1][f'test_{g}_top1']:.2f}" for g in ("many", "medium") if long_tailed)
         print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f}{shots} at iteration {evals[-1]['iteration']} "
               f"({'evaluations' if len(evals) <= 15 else 'last 10 evaluations'}: "
               f"{', '.join('%.2f' % m['test_top1'] for m in (evals if len(evals) <= 15 else evals[-10:]))}); "
