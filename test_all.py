@@ -7,6 +7,7 @@ equation (floats and ``math``, not tensors), in float64.
 import argparse
 import copy
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -1874,6 +1875,63 @@ def test_positives_sampler_resumes_and_shards_into_the_global_batch():
             assert all(all(b.count(c) >= 2 for c in b) for b in batches) == grouped, (m, batches)
             contrastive, balanced = loader.loaders                  # two streams, one copy of the images
             assert contrastive.images.data_ptr() == balanced.images.data_ptr()
+
+
+
+def test_probe_features_reads_a_checkpoint_four_ways():
+    """results/hybrid-cifar10lt-full/probe_features.py: nearest class mean against a loop over
+    images and classes (a class with one image included); the "classifier" row of a tiny hybrid
+    run, its fc set from class means so that predictions vary, is evaluate.py's top-1 and class-balanced
+    top-1 (train.evaluate, other code); on a balanced training set the log prior is flat, so
+    subtracting it changes no prediction."""
+    path = os.path.join(HERE, "results", "hybrid-cifar10lt-full", "probe_features.py")
+    spec = importlib.util.spec_from_file_location("probe_features", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.Generator().manual_seed(0)
+    train_feat, test_feat = torch.randn(30, 5, generator=g), torch.randn(12, 5, generator=g)
+    train_labels = torch.tensor([0] * 20 + [1] * 9 + [2])
+    expected = []
+    for x in test_feat.tolist():
+        cosines = []
+        for c in range(3):
+            members = [[v / math.sqrt(sum(u * u for u in f)) for v in f]
+                       for f, y in zip(train_feat.tolist(), train_labels.tolist()) if y == c]
+            mean = [sum(col) / len(members) for col in zip(*members)]
+            cosines.append(sum(a * b for a, b in zip(x, mean)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in mean)))
+        expected.append(cosines.index(max(cosines)))
+    assert probe.ncm(train_feat, train_labels, test_feat, 3).tolist() == expected
+    with tmpdir() as d:
+        rng = np.random.default_rng(0)
+        brightness = lambda n: np.clip((np.arange(n) % 4)[:, None, None, None] * 70  # noqa: E731 (class c: 70 c + noise)
+                                       + rng.integers(0, 60, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        npz = _write_npz(os.path.join(d, "t.npz"), n_train=40, n_test=20, classes=4,
+                         x_train=brightness(40), x_test=brightness(20))
+        out = os.path.join(d, "r")
+        assert train.main(train.parse_args(["--dataset", "npz", "--data-path", npz, "--model", "resnet20",
+                                            "--loss", "hybrid-sc", "--batch-size", "8", "--workers", "0",
+                                            "--iters", "3", "--output-dir", out])) == 0
+        checkpoint = os.path.join(out, "checkpoint.pth")
+        state = torch.load(checkpoint, weights_only=True)  # 3 steps teach the fc nothing: one from class means of r
+        model = train.build_model_from_args(argparse.Namespace(**state["args"]), 4, load_weights=False)
+        model.load_state_dict(state["model"])
+        train_set = utils.build_datasets_from_args(argparse.Namespace(**state["args"]))[0]
+        r = probe.outputs(model.eval(), train_set, "cifar")[0]["embedding"]                 # (40, 64)
+        means = torch.stack([r[c::4].mean(0) for c in range(4)])                          # (4, 64)
+        state["model"]["backbone.fc.weight"] = means                                      # nearest mean, Euclidean
+        state["model"]["backbone.fc.bias"] = -0.5 * (means ** 2).sum(1)
+        torch.save(state, checkpoint)
+        _, _, table = probe.probe(checkpoint)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert evaluate.main(evaluate.get_args_parser().parse_args(
+                ["--checkpoint", checkpoint, "--json", "--workers", "0", "--device", "cpu"])) == 0
+        result = json.loads(printed.getvalue().splitlines()[-1])
+    top1, _, _, few = table["classifier"]  # 10 training images a class: every class is few-shot
+    assert 0 < min(result["per_class"].values()) and math.isclose(top1, result["top1"]), (table, result)
+    assert math.isclose(few, result["balanced_top1"])
+    assert list(table) == ["classifier", "classifier - log prior", "NCM on r", "NCM on z", "(training images)"]
+    assert table["classifier - log prior"] == table["classifier"]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ Placeholders (<run>, $VAR, ${...}, {beta}, *) match any text, so they must match
 Scripts (*.sh, *.py under results/): every results/... word must exist (placeholders as above), except
 the run-time files in RUNTIME; and a script that does cd "$(dirname "$0")/..." must land at the root.
 
-Names reserved for the main developer's additions (RESERVED) count as present while they are missing.
 """
 import fnmatch
 import os
@@ -26,16 +25,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKDOWN = ["README.md", "results/README.md", "results/DATA.md"]
-RESERVED = {"results/run_long.sh", "results/gpu-h200", "results/hybrid-cifar10lt-full"}
 # written by a script while it runs, absent from a checkout
 RUNTIME = {"results/hybrid-cifar10lt-subset/queue.txt", "results/hybrid-cifar10lt-subset/queue.txt.new",
            "results/hybrid-cifar10lt-subset/queue.txt.lock", "results/lfw-joint-supervision/.center-sweep-done"}
 # words in code spans that are deliberately not repository paths
 NOT_IN_REPO = {
     # the datasets (see results/DATA.md) and paths inside their source repositories
-    "cifar10_subset.npz", "cifar10_jpeg.npz", "cifar10.npz", "lfw_top20/", "lfw_top20", "lfw/", "train/", "test/",
+    "cifar10_subset.npz", "cifar10_jpeg.npz", "cifar10.npz", "../data/cifar10_full.npz", "cifar10_jpeg.py", "lfw_top20/", "lfw_top20", "lfw/", "train/", "test/",
     "train/*/NNNN.jpg", "test/*/NNNN.jpg", "lfw_top20/*/*_NNNN.jpg", "./data", "../shared/data/",
     "swin_large_patch4_window7_224_22k.pth",
+    # scripts of earlier commits, named with their commit (git history)
+    "run_lfw.sh",
     # what a command writes, and placeholders of examples
     "runs/demo", "runs/*/checkpoint.pth", "A/checkpoint.pth", "new.json",
     # repositories on GitHub the datasets come from
@@ -85,11 +85,6 @@ def exists(rel):
     return rel in ALL
 
 
-def reserved(rel):
-    rel = os.path.normpath(rel.rstrip("/"))
-    return any(rel == r or rel.startswith(r + "/") for r in RESERVED)
-
-
 def slug(heading):
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[`*_]{1,2}(?=\S)|(?<=\S)[`*_]{1,2}", "", heading.strip()).lower()
@@ -108,7 +103,7 @@ def anchors(path):
 
 
 def check_markdown(md):
-    problems, notes = [], []
+    problems = []
     with open(os.path.join(ROOT, md)) as f:
         text = f.read()
     here = os.path.dirname(md)
@@ -118,9 +113,6 @@ def check_markdown(md):
             continue
         path, _, anchor = target.partition("#")
         rel = os.path.normpath(os.path.join(here, path)) if path else md
-        if reserved(rel) and not exists(rel):
-            notes.append(f"{md}: link {target}: reserved for the main developer, not there yet")
-            continue
         if not exists(rel):
             problems.append(f"{md}: link {target}: {rel} does not exist")
         elif anchor and rel.endswith(".md") and anchor not in anchors(rel):
@@ -137,7 +129,7 @@ def check_markdown(md):
         problem = check_word(md, here, word)
         if problem:
             problems.append(problem)
-    return problems, notes
+    return problems
 
 
 def check_word(md, here, word):
@@ -149,7 +141,7 @@ def check_word(md, here, word):
         return None
     if word.startswith(("results/", "./results/")):
         rel = word[2:] if word.startswith("./") else word
-        if exists(rel) or reserved(rel):
+        if exists(rel):
             return None
         return f"{md}: `{word}` does not exist"
     candidates = [word, os.path.join(here, word)]
@@ -173,7 +165,7 @@ def check_scripts():
         for word in re.findall(r"results/(?:[^\s\"'`)|;,<>]|<[^<>\s]*>)*", text):
             word = word.rstrip(".:")
             rel = os.path.normpath(pattern(word)) if word != "results/" else "results"
-            if rel in RUNTIME or exists(word) or reserved(word):
+            if rel in RUNTIME or exists(word):
                 continue
             problems.append(f"{script}: names {word}, which does not exist")
         for up in re.findall(r'cd "\$\(dirname "\$0"\)/([./]+)"', text):
@@ -184,15 +176,9 @@ def check_scripts():
 
 
 def main():
-    problems, notes = [], []
-    for md in MARKDOWN:
-        p, n = check_markdown(md)
-        problems += p
-        notes += n
+    problems = [p for md in MARKDOWN for p in check_markdown(md)]
     p, count = check_scripts()
     problems += p
-    for note in notes:
-        print("note:", note)
     for problem in problems:
         print("MISSING:", problem)
     print(f"{len(problems)} problem(s) in {', '.join(MARKDOWN)} and {count} scripts under results/")

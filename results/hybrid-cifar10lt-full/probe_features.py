@@ -1,0 +1,106 @@
+"""Features or classifier? Test top-1 of a CIFAR-10-LT checkpoint read four ways.
+
+    python results/hybrid-cifar10lt-full/probe_features.py CHECKPOINT [CHECKPOINT ...] [--data-path NPZ]
+
+For each checkpoint (the model in eval mode, fp32, un-augmented images):
+  classifier        its own linear classifier, as evaluate.py reports it
+  classifier - log prior   the same logits minus log(n_c / n) (post-hoc logit adjustment,
+                    Menon et al. 2021, tau = 1, their default; nothing tuned): what
+                    removing the training prior from the classifier gives
+  NCM on r          nearest class mean, by cosine, on the backbone's embedding r (64-d):
+                    every class one mean of its un-augmented training images, so the
+                    tail counts as much as the head and no classifier is learned
+  NCM on z          the same on the hybrid network's projection z (128-d), when there is one
+and the own classifier's top-1 on the un-augmented training images (how well it fits them).
+Each row: overall top-1, then many / medium / few (> 100, 20-100, < 20 training images).
+Not in any paper: a diagnostic of ours; nothing here is chosen on the test set.
+"""
+import argparse
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+from train import build_model_from_args, get_args_parser  # noqa: E402
+from utils import build_datasets_from_args, load_checkpoint, load_state_checked  # noqa: E402
+
+
+@torch.no_grad()
+def outputs(model, dataset, normalize):
+    """{"logits": (N, K), "embedding": (N, 64)[, "projection": (N, 128)]} and labels (N,)."""
+    loader = data.make_test_loader(dataset, 500, 0, torch.device("cpu"), normalize=normalize)
+    parts, labels = {}, []
+    for images, y in loader:
+        out = model(images)
+        for key in ("logits", "embedding", "projection"):
+            if key in out:
+                parts.setdefault(key, []).append(out[key].float())
+        labels.append(y)
+    return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)
+
+
+def row(pred, labels, groups, num_classes):
+    """Overall top-1 and the many / medium / few mean per-class top-1 (%)."""
+    per_class = [100.0 * (pred[labels == c] == c).double().mean().item() for c in range(num_classes)]
+    shots = [sum(per_class[c] for c in groups[g]) / len(groups[g]) if groups[g] else None
+             for g in ("many", "medium", "few")]
+    return [100.0 * (pred == labels).double().mean().item(), *shots]
+
+
+def ncm(train_feat, train_labels, test_feat, num_classes):
+    """Nearest class mean by cosine: (N_test,) predicted classes."""
+    train_feat, test_feat = F.normalize(train_feat, dim=1), F.normalize(test_feat, dim=1)
+    means = torch.stack([train_feat[train_labels == c].mean(0) for c in range(num_classes)])   # (K, d)
+    return (test_feat @ F.normalize(means, dim=1).t()).argmax(1)
+
+
+def probe(path, data_path=None):
+    """(checkpoint, its arguments, {read as: [top-1, many, medium, few]}), the last row
+    "(training images)": the own classifier on the un-augmented training images."""
+    ckpt = load_checkpoint(path)
+    args = SimpleNamespace(**{**vars(get_args_parser().parse_args([])), **ckpt["args"]})
+    args.data_path = data_path or args.data_path
+    train_set, test_set, num_classes = build_datasets_from_args(args)
+    model = build_model_from_args(args, num_classes, load_weights=False)
+    load_state_checked(model, ckpt["model"], path, args.model)
+    model.eval()
+    normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
+    train_out, train_labels = outputs(model, train_set, normalize)
+    test_out, test_labels = outputs(model, test_set, normalize)
+    counts = torch.bincount(train_labels, minlength=num_classes)                     # (K,)
+    groups = data.shot_groups(counts.tolist(), args.many_threshold, args.few_threshold)
+    log_prior = torch.log(counts.double() / counts.sum()).float()                    # (K,)
+    rows = {"classifier": test_out["logits"].argmax(1),
+            "classifier - log prior": (test_out["logits"] - log_prior).argmax(1),
+            "NCM on r": ncm(train_out["embedding"], train_labels, test_out["embedding"], num_classes)}
+    if "projection" in test_out:
+        rows["NCM on z"] = ncm(train_out["projection"], train_labels, test_out["projection"], num_classes)
+    table = {name: row(pred, test_labels, groups, num_classes) for name, pred in rows.items()}
+    table["(training images)"] = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
+    return ckpt, args, table
+
+
+def show(path, ckpt, args, table):
+    print(f"{os.path.relpath(path, REPO)} (epoch {ckpt['epoch'] + 1}, loss {args.loss})")
+    print(f"  {'read as':24s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
+    for name, values in table.items():
+        print(f"  {name:24s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--data-path", help="where the training's data now is (default: as saved in the checkpoint)")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    for path in args.checkpoints:
+        show(path, *probe(path, args.data_path))
+
+
+if __name__ == "__main__":
+    main()
