@@ -1746,7 +1746,8 @@ def test_long_tailed_sizes_and_subset():
 
 def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_set():
     """--sampler class-balanced with CE: the batches' labels come out near uniform on a
-    9:1 set (instance sampling keeps 9:1), with both loaders."""
+    9:1 set (instance sampling keeps 9:1), with both loaders; so do the hybrid network's CE
+    batches, while its contrastive stream keeps 9:1."""
     with tmpdir() as d:
         y = np.array([0] * 180 + [1] * 20)
         npz = _write_npz(os.path.join(d, "lt.npz"), n_train=200, y_train=y)
@@ -1765,6 +1766,16 @@ def test_sampler_class_balanced_balances_the_training_batches_of_a_long_tailed_s
                 share[sampler] = labels.count(1) / len(labels)
             assert share["instance"] == 0.1, share                  # every image once per epoch
             assert abs(share["class-balanced"] - 0.5) < 0.06, share  # 800 draws: std 0.018
+            # the hybrid network: its contrastive stream instance-sampled, its CE stream class-balanced
+            args = train.parse_args(["--dataset", "npz", "--data-path", npz, "--batch-size", "50", "--workers", "0",
+                                     "--loader", loader, "--loss", "hybrid-sc", "--device", "cpu"])
+            batches, order = _train_loader(args, utils.build_datasets_from_args(args)[0])
+            con, ce = [], []
+            for epoch in range(4):
+                order.set_epoch(epoch)
+                for (_, con_labels), (_, ce_labels) in batches:
+                    con, ce = con + con_labels.tolist(), ce + ce_labels.tolist()
+            assert con.count(1) / len(con) == 0.1 and abs(ce.count(1) / len(ce) - 0.5) < 0.06, (loader, con, ce)
     assert _try_parse(["--loss", "hybrid-sc", "--sampler", "class-balanced"])[1].startswith(
         "error: --sampler applies only with")
 
@@ -1883,7 +1894,7 @@ def test_probe_features_reads_a_checkpoint_four_ways():
     images and classes (a class with one image included); the "classifier" row of a tiny hybrid
     run, its fc set from class means so that predictions vary, is evaluate.py's top-1 and class-balanced
     top-1 (train.evaluate, other code); on a balanced training set the log prior is flat, so
-    subtracting it changes no prediction."""
+    subtracting it changes no prediction; the SC loss floor of a batch whose make-up is fixed."""
     path = os.path.join(HERE, "results", "hybrid-cifar10lt-full", "probe_features.py")
     spec = importlib.util.spec_from_file_location("probe_features", path)
     probe = importlib.util.module_from_spec(spec)
@@ -1901,6 +1912,8 @@ def test_probe_features_reads_a_checkpoint_four_ways():
             cosines.append(sum(a * b for a, b in zip(x, mean)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in mean)))
         expected.append(cosines.index(max(cosines)))
     assert probe.ncm(train_feat, train_labels, test_feat, 3).tolist() == expected
+    # the SC floor: a batch of the whole set always holds 3 + 1 images, 6 + 2 views: (6 log 5 + 2 log 1) / 8
+    assert math.isclose(probe.sc_floor([0, 0, 0, 1], 4, draws=3), 6 * math.log(5) / 8)
     with tmpdir() as d:
         rng = np.random.default_rng(0)
         brightness = lambda n: np.clip((np.arange(n) % 4)[:, None, None, None] * 70  # noqa: E731 (class c: 70 c + noise)
@@ -1930,7 +1943,8 @@ def test_probe_features_reads_a_checkpoint_four_ways():
     top1, _, _, few = table["classifier"]  # 10 training images a class: every class is few-shot
     assert 0 < min(result["per_class"].values()) and math.isclose(top1, result["top1"]), (table, result)
     assert math.isclose(few, result["balanced_top1"])
-    assert list(table) == ["classifier", "classifier - log prior", "NCM on r", "NCM on z", "(training images)"]
+    assert list(table) == ["classifier", "classifier - log prior", "NCM on r", "NCM on z", "(training images)",
+                           "SC loss floor"]
     assert table["classifier - log prior"] == table["classifier"]
 
 

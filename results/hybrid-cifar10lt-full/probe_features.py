@@ -12,6 +12,9 @@ For each checkpoint (the model in eval mode, fp32, un-augmented images):
                     tail counts as much as the head and no classifier is learned
   NCM on z          the same on the hybrid network's projection z (128-d), when there is one
 and the own classifier's top-1 on the un-augmented training images (how well it fits them).
+For a hybrid-sc run also the floor of the SC loss (Eq. 3, mean over anchors) on its training
+batches: an anchor's L_i is at least log |P(i)|, reached when its positives coincide and its
+negatives are far; compare the log's `con` (how well the contrastive branch fits).
 Each row: overall top-1, then many / medium / few (> 100, 20-100, < 20 training images).
 Not in any paper: a diagnostic of ours; nothing here is chosen on the test set.
 """
@@ -20,6 +23,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +63,18 @@ def ncm(train_feat, train_labels, test_feat, num_classes):
     return (test_feat @ F.normalize(means, dim=1).t()).argmax(1)
 
 
+def sc_floor(labels, batch_size, views=2, draws=200, seed=0):
+    """Mean over random batches (drawn without replacement) of the mean over their
+    views of log |P(i)| = log(views * n_c - 1), n_c the batch's images of the view's class."""
+    rng = np.random.default_rng(seed)
+    labels, floors = np.asarray(labels), []
+    for _ in range(draws):
+        n = np.bincount(rng.choice(labels, batch_size, replace=False))       # (K,) images per class
+        anchors = views * n                                                   # (K,) views per class
+        floors.append((anchors * np.log(np.maximum(anchors - 1, 1))).sum() / anchors.sum())
+    return float(np.mean(floors))
+
+
 def probe(path, data_path=None):
     """(checkpoint, its arguments, {read as: [top-1, many, medium, few]}), the last row
     "(training images)": the own classifier on the un-augmented training images."""
@@ -82,13 +98,18 @@ def probe(path, data_path=None):
         rows["NCM on z"] = ncm(train_out["projection"], train_labels, test_out["projection"], num_classes)
     table = {name: row(pred, test_labels, groups, num_classes) for name, pred in rows.items()}
     table["(training images)"] = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
+    if args.loss == "hybrid-sc":
+        table["SC loss floor"] = sc_floor(train_labels.numpy(), args.batch_size)
     return ckpt, args, table
 
 
 def show(path, ckpt, args, table):
-    print(f"{os.path.relpath(path, REPO)} (epoch {ckpt['epoch'] + 1}, loss {args.loss})")
+    print(f"{os.path.relpath(path, REPO)} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}, loss {args.loss}; fp32)")
     print(f"  {'read as':24s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
     for name, values in table.items():
+        if name == "SC loss floor":
+            print(f"  SC loss floor on its training batches of {args.batch_size}: {values:.3f} (compare the log's con)")
+            continue
         print(f"  {name:24s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
 
 
