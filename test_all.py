@@ -1894,7 +1894,8 @@ def test_probe_features_reads_a_checkpoint_four_ways():
     images and classes (a class with one image included); the "classifier" row of a tiny hybrid
     run, its fc set from class means so that predictions vary, is evaluate.py's top-1 and class-balanced
     top-1 (train.evaluate, other code); on a balanced training set the log prior is flat, so
-    subtracting it changes no prediction; the SC loss floor of a batch whose make-up is fixed."""
+    subtracting it changes no prediction; BatchNorm statistics re-estimated as the plain average of
+    the batches'; the SC loss floor of a batch whose make-up is fixed."""
     path = os.path.join(HERE, "results", "hybrid-cifar10lt-full", "probe_features.py")
     spec = importlib.util.spec_from_file_location("probe_features", path)
     probe = importlib.util.module_from_spec(spec)
@@ -1912,6 +1913,11 @@ def test_probe_features_reads_a_checkpoint_four_ways():
             cosines.append(sum(a * b for a, b in zip(x, mean)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in mean)))
         expected.append(cosines.index(max(cosines)))
     assert probe.ncm(train_feat, train_labels, test_feat, 3).tolist() == expected
+    # BN re-estimation: the running mean is the mean of the batches' means, the running var of their unbiased vars
+    batches = [torch.randn(4, 3, 2, 2, generator=g) * (i + 1) + i for i in range(3)]
+    bn = probe.reestimate_bn(nn.Sequential(nn.BatchNorm2d(3)), batches)[0]
+    assert not bn.training and torch.allclose(bn.running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0))
+    assert torch.allclose(bn.running_var, torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in batches]).mean(0))
     # the SC floor: a batch of the whole set always holds 3 + 1 images, 6 + 2 views: (6 log 5 + 2 log 1) / 8
     assert math.isclose(probe.sc_floor([0, 0, 0, 1], 4, draws=3), 6 * math.log(5) / 8)
     with tmpdir() as d:
@@ -1943,8 +1949,8 @@ def test_probe_features_reads_a_checkpoint_four_ways():
     top1, _, _, few = table["classifier"]  # 10 training images a class: every class is few-shot
     assert 0 < min(result["per_class"].values()) and math.isclose(top1, result["top1"]), (table, result)
     assert math.isclose(few, result["balanced_top1"])
-    assert list(table) == ["classifier", "classifier - log prior", "NCM on r", "NCM on z", "(training images)",
-                           "SC loss floor"]
+    reads = ["classifier", "classifier - log prior", "NCM on r", "NCM on z"]
+    assert list(table) == reads + ["BN re-estimated: " + r for r in reads] + ["(training images)", "SC loss floor"]
     assert table["classifier - log prior"] == table["classifier"]
 
 

@@ -1,4 +1,4 @@
-"""Features or classifier? Test top-1 of a CIFAR-10-LT checkpoint read four ways.
+"""Features, classifier or BatchNorm statistics? Test top-1 of a CIFAR-10-LT checkpoint read eight ways.
 
     python results/hybrid-cifar10lt-full/probe_features.py CHECKPOINT [CHECKPOINT ...] [--data-path NPZ]
 
@@ -11,7 +11,11 @@ For each checkpoint (the model in eval mode, fp32, un-augmented images):
                     every class one mean of its un-augmented training images, so the
                     tail counts as much as the head and no classifier is learned
   NCM on z          the same on the hybrid network's projection z (128-d), when there is one
-and the own classifier's top-1 on the un-augmented training images (how well it fits them).
+then all four again after BatchNorm's running statistics are recomputed (plain average,
+momentum None) over one epoch of the run's instance-sampled training batches, augmented as in
+training: a hybrid's contrastive views (in training they also saw the class-balanced CE images,
+one forward pass for both streams), a CE run's only stream. And the own classifier's top-1
+on the un-augmented training images (how well it fits them).
 For a hybrid-sc run also the floor of the SC loss (Eq. 3, mean over anchors) on its training
 batches: an anchor's L_i is at least log |P(i)|, reached when its positives coincide and its
 negatives are far; compare the log's `con` (how well the contrastive branch fits).
@@ -30,8 +34,8 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
-from train import build_model_from_args, get_args_parser  # noqa: E402
-from utils import build_datasets_from_args, load_checkpoint, load_state_checked  # noqa: E402
+from train import HYBRID_LOSSES, build_model_from_args, get_args_parser  # noqa: E402
+from utils import build_datasets_from_args, load_checkpoint, load_state_checked, train_loader_from_args  # noqa: E402
 
 
 @torch.no_grad()
@@ -46,6 +50,30 @@ def outputs(model, dataset, normalize):
                 parts.setdefault(key, []).append(out[key].float())
         labels.append(y)
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)
+
+
+@torch.no_grad()
+def reestimate_bn(model, batches):
+    """Every BatchNorm's running mean / var recomputed as the plain average of its batch
+    statistics over ``batches`` (momentum None), then eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    for images in batches:
+        model(images)
+    return model.eval()
+
+
+def instance_stream(args, train_set):
+    """One epoch (epoch 0 of the run's seed) of its instance-sampled training batches as
+    augmented in training: a hybrid's contrastive views (2B, 3, H, W), else (B, 3, H, W)."""
+    hybrid = args.loss in HYBRID_LOSSES
+    loader, sampler = train_loader_from_args(args, train_set, torch.device("cpu"), hybrid)
+    sampler.set_epoch(0)
+    for batch in loader:
+        yield batch[0][0].flatten(0, 1) if hybrid else batch[0]
 
 
 def row(pred, labels, groups, num_classes):
@@ -76,8 +104,9 @@ def sc_floor(labels, batch_size, views=2, draws=200, seed=0):
 
 
 def probe(path, data_path=None):
-    """(checkpoint, its arguments, {read as: [top-1, many, medium, few]}), the last row
-    "(training images)": the own classifier on the un-augmented training images."""
+    """(checkpoint, its arguments, {read as: [top-1, many, medium, few]}): the four reads as
+    trained, then with BN re-estimated, then "(training images)": the own classifier on
+    the un-augmented training images, as trained (and "SC loss floor", a float, for SC)."""
     ckpt = load_checkpoint(path)
     args = SimpleNamespace(**{**vars(get_args_parser().parse_args([])), **ckpt["args"]})
     args.data_path = data_path or args.data_path
@@ -86,18 +115,23 @@ def probe(path, data_path=None):
     load_state_checked(model, ckpt["model"], path, args.model)
     model.eval()
     normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
-    train_out, train_labels = outputs(model, train_set, normalize)
-    test_out, test_labels = outputs(model, test_set, normalize)
-    counts = torch.bincount(train_labels, minlength=num_classes)                     # (K,)
-    groups = data.shot_groups(counts.tolist(), args.many_threshold, args.few_threshold)
-    log_prior = torch.log(counts.double() / counts.sum()).float()                    # (K,)
-    rows = {"classifier": test_out["logits"].argmax(1),
-            "classifier - log prior": (test_out["logits"] - log_prior).argmax(1),
-            "NCM on r": ncm(train_out["embedding"], train_labels, test_out["embedding"], num_classes)}
-    if "projection" in test_out:
-        rows["NCM on z"] = ncm(train_out["projection"], train_labels, test_out["projection"], num_classes)
-    table = {name: row(pred, test_labels, groups, num_classes) for name, pred in rows.items()}
-    table["(training images)"] = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
+    table, fit = {}, None
+    for prefix in ("", "BN re-estimated: "):
+        if prefix:
+            reestimate_bn(model, instance_stream(args, train_set))
+        train_out, train_labels = outputs(model, train_set, normalize)
+        test_out, test_labels = outputs(model, test_set, normalize)
+        counts = torch.bincount(train_labels, minlength=num_classes)                 # (K,)
+        groups = data.shot_groups(counts.tolist(), args.many_threshold, args.few_threshold)
+        log_prior = torch.log(counts.double() / counts.sum()).float()                # (K,)
+        rows = {"classifier": test_out["logits"].argmax(1),
+                "classifier - log prior": (test_out["logits"] - log_prior).argmax(1),
+                "NCM on r": ncm(train_out["embedding"], train_labels, test_out["embedding"], num_classes)}
+        if "projection" in test_out:
+            rows["NCM on z"] = ncm(train_out["projection"], train_labels, test_out["projection"], num_classes)
+        table.update({prefix + name: row(pred, test_labels, groups, num_classes) for name, pred in rows.items()})
+        fit = fit or row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
+    table["(training images)"] = fit
     if args.loss == "hybrid-sc":
         table["SC loss floor"] = sc_floor(train_labels.numpy(), args.batch_size)
     return ckpt, args, table
@@ -105,12 +139,12 @@ def probe(path, data_path=None):
 
 def show(path, ckpt, args, table):
     print(f"{os.path.relpath(path, REPO)} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}, loss {args.loss}; fp32)")
-    print(f"  {'read as':24s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
+    print(f"  {'read as':40s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
     for name, values in table.items():
         if name == "SC loss floor":
             print(f"  SC loss floor on its training batches of {args.batch_size}: {values:.3f} (compare the log's con)")
             continue
-        print(f"  {name:24s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
+        print(f"  {name:40s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
 
 
 def main():
