@@ -1888,12 +1888,11 @@ def test_positives_sampler_resumes_and_shards_into_the_global_batch():
             assert contrastive.images.data_ptr() == balanced.images.data_ptr()
 
 
-
-def test_probe_features_reads_a_checkpoint_four_ways():
+def test_probe_features_reads_a_checkpoint_every_way():
     """results/hybrid-cifar10lt-full/probe_features.py: nearest class mean against a loop over
     images and classes (a class with one image included); the "classifier" row of a tiny hybrid
-    run, its fc set from class means so that predictions vary, is evaluate.py's top-1 and class-balanced
-    top-1 (train.evaluate, other code); on a balanced training set the log prior is flat, so
+    run, its fc set from class means so that predictions vary, is evaluate.py's top-1 and
+    class-balanced top-1 (train.evaluate, other code); on a balanced training set the log prior is flat, so
     subtracting it changes no prediction; BatchNorm statistics re-estimated as the plain average of
     the batches'; the SC loss floor of a batch whose make-up is fixed."""
     path = os.path.join(HERE, "results", "hybrid-cifar10lt-full", "probe_features.py")

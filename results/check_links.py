@@ -31,7 +31,8 @@ RUNTIME = {"results/hybrid-cifar10lt-subset/queue.txt", "results/hybrid-cifar10l
 # words in code spans that are deliberately not repository paths
 NOT_IN_REPO = {
     # the datasets (see results/DATA.md) and paths inside their source repositories
-    "cifar10_subset.npz", "cifar10_jpeg.npz", "cifar10.npz", "../data/cifar10_full.npz", "cifar10_jpeg.py", "lfw_top20/", "lfw_top20", "lfw/", "train/", "test/",
+    "cifar10_subset.npz", "cifar10_jpeg.npz", "cifar10.npz", "../data/cifar10_full.npz", "cifar10_jpeg.py",
+    "lfw_top20/", "lfw_top20", "lfw/", "train/", "test/",
     "train/*/NNNN.jpg", "test/*/NNNN.jpg", "lfw_top20/*/*_NNNN.jpg", "./data", "../shared/data/",
     "swin_large_patch4_window7_224_22k.pth",
     # scripts of earlier commits, named with their commit (git history)

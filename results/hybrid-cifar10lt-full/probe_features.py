@@ -1,4 +1,4 @@
-"""Features, classifier or BatchNorm statistics? Test top-1 of a CIFAR-10-LT checkpoint read eight ways.
+"""Features, classifier or BatchNorm statistics? Test top-1 of a CIFAR-10-LT checkpoint read up to eight ways.
 
     python results/hybrid-cifar10lt-full/probe_features.py CHECKPOINT [CHECKPOINT ...] [--data-path NPZ]
 
@@ -115,7 +115,7 @@ def probe(path, data_path=None):
     load_state_checked(model, ckpt["model"], path, args.model)
     model.eval()
     normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
-    table, fit = {}, None
+    table = {}
     for prefix in ("", "BN re-estimated: "):
         if prefix:
             reestimate_bn(model, instance_stream(args, train_set))
@@ -130,7 +130,8 @@ def probe(path, data_path=None):
         if "projection" in test_out:
             rows["NCM on z"] = ncm(train_out["projection"], train_labels, test_out["projection"], num_classes)
         table.update({prefix + name: row(pred, test_labels, groups, num_classes) for name, pred in rows.items()})
-        fit = fit or row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
+        if not prefix:  # how well the model as trained fits its training images
+            fit = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
     table["(training images)"] = fit
     if args.loss == "hybrid-sc":
         table["SC loss floor"] = sc_floor(train_labels.numpy(), args.batch_size)
