@@ -1917,8 +1917,12 @@ def test_probe_features_reads_a_checkpoint_every_way():
     bn = probe.reestimate_bn(nn.Sequential(nn.BatchNorm2d(3)), batches)[0]
     assert not bn.training and torch.allclose(bn.running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0))
     assert torch.allclose(bn.running_var, torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in batches]).mean(0))
-    # the SC floor: a batch of the whole set always holds 3 + 1 images, 6 + 2 views: (6 log 5 + 2 log 1) / 8
+    # the SC floor: a batch of the whole set always holds 3 + 1 images, 6 + 2 views: (6 log 5 + 2 log 1) / 8; the
+    # loss reaches it when every view of a class is one unit vector and the classes are orthogonal (tau small)
     assert math.isclose(probe.sc_floor([0, 0, 0, 1], 4, draws=3), 6 * math.log(5) / 8)
+    at_floor = F.one_hot(torch.tensor([0, 0, 0, 1]), 3).float()[:, None].expand(4, 2, 3)   # (B, 2 views, d)
+    assert math.isclose(losses.SupConLoss(0.01)(at_floor, torch.tensor([0, 0, 0, 1])).item(),
+                        probe.sc_floor([0, 0, 0, 1], 4, draws=3), rel_tol=1e-5)
     with tmpdir() as d:
         rng = np.random.default_rng(0)
         brightness = lambda n: np.clip((np.arange(n) % 4)[:, None, None, None] * 70  # noqa: E731 (class c: 70 c + noise)
@@ -1939,7 +1943,9 @@ def test_probe_features_reads_a_checkpoint_every_way():
         state["model"]["backbone.fc.weight"] = means                                      # nearest mean, Euclidean
         state["model"]["backbone.fc.bias"] = -0.5 * (means ** 2).sum(1)
         torch.save(state, checkpoint)
-        _, _, table = probe.probe(checkpoint)
+        _, args, table = probe.probe(checkpoint)
+        views = next(probe.training_stream(args, train_set))
+        assert views.shape == (16, 3, 32, 32) and next(probe.training_stream(args, train_set, both=True)).shape[0] == 24
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             assert evaluate.main(evaluate.get_args_parser().parse_args(
@@ -1949,7 +1955,8 @@ def test_probe_features_reads_a_checkpoint_every_way():
     assert 0 < min(result["per_class"].values()) and math.isclose(top1, result["top1"]), (table, result)
     assert math.isclose(few, result["balanced_top1"])
     reads = ["classifier", "classifier - log prior", "NCM on r", "NCM on z"]
-    assert list(table) == reads + ["BN re-estimated: " + r for r in reads] + ["(training images)", "SC loss floor"]
+    assert list(table) == reads + ["BN re-estimated: " + r for r in reads] + [
+        "(training images)", "BN re-estimated over both streams: classifier", "SC loss floor"]
     assert table["classifier - log prior"] == table["classifier"]
 
 

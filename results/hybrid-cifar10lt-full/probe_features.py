@@ -15,7 +15,8 @@ then all four again after BatchNorm's running statistics are recomputed (plain a
 momentum None) over one epoch of the run's instance-sampled training batches, augmented as in
 training: a hybrid's contrastive views (in training they also saw the class-balanced CE images,
 one forward pass for both streams), a CE run's only stream. And the own classifier's top-1
-on the un-augmented training images (how well it fits them).
+on the un-augmented training images (how well it fits them); for a hybrid, the control: its
+classifier with the statistics re-estimated the same way over both streams, as in training.
 For a hybrid-sc run also the floor of the SC loss (Eq. 3, mean over anchors) on its training
 batches: an anchor's L_i is at least log |P(i)|, reached when its positives coincide and its
 negatives are far; compare the log's `con` (how well the contrastive branch fits).
@@ -66,14 +67,21 @@ def reestimate_bn(model, batches):
     return model.eval()
 
 
-def instance_stream(args, train_set):
+def training_stream(args, train_set, both=False):
     """One epoch (epoch 0 of the run's seed) of its instance-sampled training batches as
-    augmented in training: a hybrid's contrastive views (2B, 3, H, W), else (B, 3, H, W)."""
+    augmented in training: a hybrid's contrastive views (2B, 3, H, W), else (B, 3, H, W);
+    ``both``: a hybrid's whole forward pass, the views and the class-balanced CE batch
+    (2B + B, 3, H, W), as its running statistics saw them."""
     hybrid = args.loss in HYBRID_LOSSES
+    args = SimpleNamespace(**{**vars(args), "sampler": "instance"})  # a CE run's own sampler may differ
     loader, sampler = train_loader_from_args(args, train_set, torch.device("cpu"), hybrid)
     sampler.set_epoch(0)
     for batch in loader:
-        yield batch[0][0].flatten(0, 1) if hybrid else batch[0]
+        if not hybrid:
+            yield batch[0]
+        else:
+            (views, _), (ce_images, _) = batch
+            yield torch.cat([views.flatten(0, 1), ce_images]) if both else views.flatten(0, 1)
 
 
 def row(pred, labels, groups, num_classes):
@@ -118,7 +126,7 @@ def probe(path, data_path=None):
     table = {}
     for prefix in ("", "BN re-estimated: "):
         if prefix:
-            reestimate_bn(model, instance_stream(args, train_set))
+            reestimate_bn(model, training_stream(args, train_set))
         train_out, train_labels = outputs(model, train_set, normalize)
         test_out, test_labels = outputs(model, test_set, normalize)
         counts = torch.bincount(train_labels, minlength=num_classes)                 # (K,)
@@ -133,6 +141,10 @@ def probe(path, data_path=None):
         if not prefix:  # how well the model as trained fits its training images
             fit = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
     table["(training images)"] = fit
+    if args.loss in HYBRID_LOSSES:  # the control: re-estimated the same way over both streams, as in training
+        reestimate_bn(model, training_stream(args, train_set, both=True))
+        table["BN re-estimated over both streams: classifier"] = row(
+            outputs(model, test_set, normalize)[0]["logits"].argmax(1), test_labels, groups, num_classes)
     if args.loss == "hybrid-sc":
         table["SC loss floor"] = sc_floor(train_labels.numpy(), args.batch_size)
     return ckpt, args, table
@@ -140,12 +152,12 @@ def probe(path, data_path=None):
 
 def show(path, ckpt, args, table):
     print(f"{os.path.relpath(path, REPO)} (epoch {ckpt['epoch']}, iteration {ckpt['iteration']}, loss {args.loss}; fp32)")
-    print(f"  {'read as':40s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
+    print(f"  {'read as':46s} {'top-1':>6s} {'many':>6s} {'medium':>6s} {'few':>6s}")
     for name, values in table.items():
         if name == "SC loss floor":
             print(f"  SC loss floor on its training batches of {args.batch_size}: {values:.3f} (compare the log's con)")
             continue
-        print(f"  {name:40s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
+        print(f"  {name:46s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in values))
 
 
 def main():
