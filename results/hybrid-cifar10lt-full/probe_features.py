@@ -123,15 +123,15 @@ def probe(path, data_path=None):
     load_state_checked(model, ckpt["model"], path, args.model)
     model.eval()
     normalize = args.normalize or data.DEFAULT_NORMALIZE[args.dataset]
+    counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes)  # (K,)
+    groups = data.shot_groups(counts.tolist(), args.many_threshold, args.few_threshold)
+    log_prior = torch.log(counts.double() / counts.sum()).float()                        # (K,)
     table = {}
     for prefix in ("", "BN re-estimated: "):
         if prefix:
             reestimate_bn(model, training_stream(args, train_set))
         train_out, train_labels = outputs(model, train_set, normalize)
         test_out, test_labels = outputs(model, test_set, normalize)
-        counts = torch.bincount(train_labels, minlength=num_classes)                 # (K,)
-        groups = data.shot_groups(counts.tolist(), args.many_threshold, args.few_threshold)
-        log_prior = torch.log(counts.double() / counts.sum()).float()                # (K,)
         rows = {"classifier": test_out["logits"].argmax(1),
                 "classifier - log prior": (test_out["logits"] - log_prior).argmax(1),
                 "NCM on r": ncm(train_out["embedding"], train_labels, test_out["embedding"], num_classes)}
