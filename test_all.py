@@ -846,17 +846,18 @@ def test_top1_counts_the_final_head_on_the_ce_batch_only():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]])   # argmax 0, 1, 0
     assert abs(train.top1(logits, torch.tensor([0, 0, 0])).item() - 200 / 3) < 1e-4
 
-    class Fixed(nn.Module):  # the same logits for any input
+    class Fixed(nn.Module):  # rows 0-1 of the logits for the two views, row 2 for one CE image
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.zeros(()))
 
         def forward(self, x):
-            return {"logits": logits + self.w, "projection": F.normalize(torch.ones(3, 4), dim=1) + self.w}
+            rows = logits[:2] if len(x) == 2 else logits[2:]
+            return {"logits": rows + self.w, "projection": F.normalize(torch.ones(len(x), 4), dim=1) + self.w}
 
     model, criterion = Fixed(), losses.HybridLoss(losses.SupConLoss(0.1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    # hybrid: one contrastive image (its two views are rows 0-1), then a CE batch of one image (row 2)
+    # hybrid: one contrastive image (two views), then a CE batch of one image
     for ce_label, want in ((0, 100.0), (1, 0.0)):
         batch = ((torch.zeros(1, 2, 3, 8, 8), torch.tensor([1])), (torch.zeros(1, 3, 8, 8), torch.tensor([ce_label])))
         _, parts, _ = train.hybrid_step(batch, model, criterion, optimizer, place=lambda x: x,
@@ -1725,6 +1726,39 @@ def test_hybrid_alpha_and_objective():
               for i in range(3)) / 3
     want = 0.25 * losses.naive_supcon(feats.reshape(8, 5).tolist(), con_labels.repeat_interleave(2).tolist(), 0.1) + 0.75 * ce
     assert abs(total.item() - want) < 1e-10 and set(parts) == {"con", "ce"}
+
+
+def test_hybrid_step_normalises_each_branch_by_its_own_batch():
+    """One forward pass per branch (as BBN's code): the CE term is the classifier batch's CE
+    alone, whatever the views hold (one shared pass would mix their BN statistics), and the
+    running statistics take the views' batch, then the CE batch's."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4)
+            self.proj, self.cls = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.bn(self.fc(x.flatten(1)))
+            return {"projection": F.normalize(self.proj(h), dim=1), "logits": self.cls(h)}
+
+    torch.manual_seed(0)
+    views, ce_images = torch.randn(4, 2, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    con_labels, ce_labels = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1, 1, 0])
+    criterion, ce_parts = losses.HybridLoss(losses.SupConLoss(0.1)), []
+    for shift in (0.0, 3.0):
+        torch.manual_seed(1)
+        model = Tiny()
+        alone = copy.deepcopy(model)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+        _, parts, _ = train.hybrid_step(((views * (1 + shift) + shift, con_labels), (ce_images, ce_labels)), model,
+                                        criterion, sgd, lambda t: t, contextlib.nullcontext, 0.5)
+        ce_parts.append(parts["ce"].item())
+        assert parts["ce"].item() == F.cross_entropy(alone(ce_images)["logits"], ce_labels).item()
+        mean_views, mean_ce = alone.fc(views.flatten(0, 1).flatten(1) * (1 + shift) + shift).mean(0), alone.fc(ce_images.flatten(1)).mean(0)
+        want = 0.9 * (0.9 * torch.zeros(4) + 0.1 * mean_views) + 0.1 * mean_ce
+        assert torch.allclose(model.bn.running_mean, want.detach(), atol=1e-6)
+    assert ce_parts[0] == ce_parts[1]
 
 
 def test_long_tailed_sizes_and_subset():

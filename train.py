@@ -213,24 +213,22 @@ def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=No
     """The hybrid network (Wang et al. 2021): alpha * SC / PSC / MPSC on the projected
     views of an instance-sampled batch + (1 - alpha) * CE on a class-balanced batch.
     batch: ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))).
-    Both branches share one forward pass (not in the paper: one pass, so BN statistics
-    are shared; on CIFAR-10-LT the shared running ones cost ~7 test points: results/)."""
+    One forward pass per branch, as in BBN's code (the paper follows BBN's joint training), so
+    each batch is normalised by its own BN statistics; both passes update the running ones."""
     (views, con_labels), (ce_images, ce_labels) = batch
     con_labels, ce_labels = place(con_labels), place(ce_labels)
     B = len(con_labels)
-    images = place(torch.cat([views.flatten(0, 1), ce_images]))            # (2B + B', 3, H, W)
     with amp():
-        out = model(images)                       # projection (2B + B', 128), logits (2B + B', K)
-    out32 = utils.to_float32(out)
-    projections = out32["projection"][:2 * B].view(B, 2, -1)               # (B, 2, 128): the views of image b
+        con_out = model(place(views.flatten(0, 1)))      # projection (2B, 128): the contrastive branch
+        ce_out = model(place(ce_images))                 # logits (B', K): the classifier branch
+    projections = utils.to_float32(con_out)["projection"].view(B, 2, -1)   # (B, 2, 128): the views of image b
     # distributed: positives and negatives span every process's batch, as on the paper's one device
     projections, con_labels = utils.gather(projections), utils.gather(con_labels)   # (N B, 2, 128), (N B,)
-    ce_logits = out32["logits"][2 * B:]                                    # (B', K)
-    loss, parts = criterion(projections, con_labels, ce_logits, ce_labels, alpha)   # digest's Eq. (1)
-    out32["aux_logits"] = [a[2 * B:] for a in out32.get("aux_logits", [])]  # deep supervision on the CE batch
-    loss, parts = add_deep_supervision(loss, parts, out32, ce_labels, aux_weight)
+    ce_out32 = utils.to_float32(ce_out)
+    loss, parts = criterion(projections, con_labels, ce_out32["logits"], ce_labels, alpha)   # digest's Eq. (1)
+    loss, parts = add_deep_supervision(loss, parts, ce_out32, ce_labels, aux_weight)  # heads on the CE batch
     applied = utils.backward_and_step(optimizer, loss, scaler)
-    return loss, {**parts, "top1": top1(out["logits"][2 * B:], ce_labels)}, applied
+    return loss, {**parts, "top1": top1(ce_out["logits"], ce_labels)}, applied
 
 
 def distillation(out, kd, temperature, detach_teacher, t2_scale):

@@ -16,20 +16,24 @@
 set -u
 cd "$(dirname "$0")/.."
 repo=$(pwd)
-run=${1:?RUN: seed001, hybrid-sc, hybrid-psc or ldam-ce}
+run=${1:?RUN: seed001, hybrid-sc(-twopass), hybrid-psc(-twopass) or ldam-ce}
 seed=${2:?SEED}
 threads=${THREADS:-1}
 case $run in  # study folder | train.py flags
   seed001)    study=resnet32-cifar10-wu; flags="--recipe seed001-cifar10 --eval-every 5 --print-freq 100" ;;
-  hybrid-sc)  study=hybrid-cifar10lt-full; flags="--recipe hybrid-sc-cifar10lt --print-freq 8 --save-every 40" ;;
-  hybrid-psc) study=hybrid-cifar10lt-full; flags="--recipe hybrid-psc-cifar10lt --print-freq 8 --save-every 40" ;;
+  # hybrid-sc / -psc ran one shared forward pass for both streams (their pinned commit); *-twopass
+  # are the runs of the code since, one pass per branch as BBN's code does
+  hybrid-sc|hybrid-sc-twopass)   study=hybrid-cifar10lt-full; flags="--recipe hybrid-sc-cifar10lt --print-freq 8 --save-every 40" ;;
+  hybrid-psc|hybrid-psc-twopass) study=hybrid-cifar10lt-full; flags="--recipe hybrid-psc-cifar10lt --print-freq 8 --save-every 40" ;;
   ldam-ce)    study=hybrid-cifar10lt-full; flags="--recipe ldam-ce-cifar10lt --print-freq 32 --save-every 200" ;;
-  *) echo "unknown RUN $run: seed001, hybrid-sc, hybrid-psc or ldam-ce" >&2; exit 2 ;;
+  *) echo "unknown RUN $run: seed001, hybrid-sc(-twopass), hybrid-psc(-twopass) or ldam-ce" >&2; exit 2 ;;
 esac
 out=$repo/results/$study/$run-seed$seed
 [ "$run" = seed001 ] && out=$repo/results/$study/seed001-cifar10full-resnet32-seed$seed  # its folders' names
 log=$out.log
 npz=${DATA:-$repo/../data/cifar10_full.npz}
+case $run in hybrid-sc|hybrid-psc) [ -f "$out/pinned_commit" ] || {
+  echo "$run names the one-pass runs (a pinned commit before the change); start $run-twopass" >&2; exit 2; } ;; esac
 mkdir -p "$out"
 if [ -f "$out/pinned_commit" ]; then pin=$(cat "$out/pinned_commit"); else
   pin=$(git rev-parse --verify "${PIN:-HEAD}^{commit}") || exit 2; echo "$pin" > "$out/pinned_commit"; fi
