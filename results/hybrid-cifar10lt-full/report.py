@@ -2,8 +2,9 @@
 
     python results/hybrid-cifar10lt-full/report.py
 
-For every run folder here (hybrid-sc-seedN, hybrid-psc-seedN, ldam-ce-seedN, started by
-results/run_long.sh): epochs done of 200, the last evaluation's test top-1 and its many /
+For every run folder here (ldam-ce-seedN, hybrid-sc-seedN, hybrid-psc-seedN: one forward pass
+shared by the two streams, as train.py did before 8a73f6f; hybrid-sc-twopass-seedN, ...: one pass
+per branch, as it does since; all started by results/run_long.sh): epochs done of 200, the last evaluation's test top-1 and its many /
 medium / few top-1 (the paper's thresholds: > 100, 20-100, < 20 training images), the best
 evaluation and its epoch (chosen on test, as LDAM-DRW's code reports; not our number), and,
 once a method has finished seeds, their mean +- std (sample std). With matplotlib,
@@ -16,8 +17,12 @@ import math
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = {"ldam-ce": ("CE (LDAM-DRW's code)", 70.36), "hybrid-sc": ("Hybrid-SC", 81.40),
-           "hybrid-psc": ("Hybrid-PSC", 78.82)}  # Wang et al. 2021, CIFAR-10-LT, beta 100
+METHODS = {  # folder prefix: label, the paper's test top-1 (Wang et al. 2021, CIFAR-10-LT, beta 100), colour
+    "ldam-ce": ("CE (LDAM-DRW's code)", 70.36, "tab:gray"),
+    "hybrid-sc": ("Hybrid-SC, shared pass", 81.40, "tab:blue"),
+    "hybrid-psc": ("Hybrid-PSC, shared pass", 78.82, "tab:orange"),
+    "hybrid-sc-twopass": ("Hybrid-SC, pass per branch", 81.40, "tab:green"),
+    "hybrid-psc-twopass": ("Hybrid-PSC, pass per branch", 78.82, "tab:red")}
 EPOCHS = 200
 
 
@@ -43,7 +48,7 @@ def main():
     print("| method | seed | epochs done | last test top-1 (%) | many | medium | few | best evaluation (epoch) | paper |")
     print("|---|---|---|---|---|---|---|---|---|")
     for method, seeds in table.items():
-        label, paper = METHODS[method]
+        label, paper, _ = METHODS[method]
         for seed, rows in seeds:
             last = rows[-1]
             done = last["epoch"] + 1
@@ -65,12 +70,13 @@ def main():
         print("(matplotlib not installed: no curves.png)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (method, seeds), colour in zip(table.items(), ("tab:gray", "tab:blue", "tab:orange")):
-        label, paper = METHODS[method]
+    for method, seeds in table.items():
+        label, paper, colour = METHODS[method]
         for seed, rows in seeds:
             ax.plot([r["epoch"] + 1 for r in rows], [r["test_top1"] for r in rows], color=colour, lw=1,
                     label=f"{label}, seed {seed}")
-        ax.axhline(paper, color=colour, ls="--", lw=1, label=f"{label}, paper: {paper}")
+        if not method.endswith("-twopass"):  # the paper's line once per method
+            ax.axhline(paper, color=colour, ls="--", lw=1, label=f"{label.split(',')[0]}, paper: {paper}")
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", xlim=(0, EPOCHS), ylim=(0, 100),
            title="CIFAR-10-LT, beta 100, ResNet-32 (JPEG-derived copy)")
     ax.legend(fontsize=7, loc="lower right")
