@@ -34,5 +34,6 @@ for variant in "$@"; do
   (cd "$tree" && OMP_NUM_THREADS=1 nice -n "${NICE:-10}" python train.py --recipe ldam-ce-cifar10lt --dataset npz \
     --data-path "$data/$npz" $amp --channels-last --epochs $epochs --milestones $((epochs * 4 / 5)) $((epochs * 9 / 10)) \
     --print-freq 96 --save-every 200 --seed $seed --output-dir "$out" --resume auto >> "$out.log" 2>&1)
-  echo "== end $(date -u +%FT%TZ) exit $?" >> "$out.log"
+  rc=$?  # before the date's command substitution, which resets $?
+  echo "== end $(date -u +%FT%TZ) exit $rc" >> "$out.log"
 done

@@ -32,5 +32,6 @@ for variant in "$@"; do
   (cd "$tree" && OMP_NUM_THREADS=$threads python train.py --recipe seed001-cifar10 --dataset npz --data-path "$data/$npz" \
     $amp --channels-last --iters $iters --milestones $((iters * 2 / 5)) $((iters * 3 / 5)) $((iters * 4 / 5)) --eval-every 2 --print-freq 100 \
     --seed $seed --output-dir "$out" --resume auto >> "$out.log" 2>&1)
-  echo "== end $(date -u +%FT%TZ) exit $?" >> "$out.log"
+  rc=$?  # before the date's command substitution, which resets $?
+  echo "== end $(date -u +%FT%TZ) exit $rc" >> "$out.log"
 done
