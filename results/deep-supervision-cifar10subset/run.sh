@@ -3,7 +3,7 @@
 # shortcuts) and ResNet-56 as the control, on the CIFAR-10 subset (10,000 train /
 # 10,000 test). results/README.md section
 # "Deep supervision on plain nets: where does an auxiliary head help?".
-# MODEL: plainD (Xavier init, models.py's default: the vanishing-gradient setting the seed
+# MODEL: plainD (Xavier init, models.py's default: the vanishing-gradient setting Wang et al. 2015
 # is about), plainD-kaiming (He init, fan_in), or resnet56.
 #
 #   bash results/deep-supervision-cifar10subset/run.sh sweep  MODEL LR...          # lr on a validation split, no aux head, seed 0

@@ -13,10 +13,11 @@ For each checkpoint (the model in eval mode, fp32, un-augmented images):
   NCM on z          the same on the hybrid network's projection z (128-d), when there is one
 then all four again after BatchNorm's running statistics are recomputed (plain average,
 momentum None) over one epoch of the run's instance-sampled training batches, augmented as in
-training: a hybrid's contrastive views (in training they also saw the class-balanced CE images,
-one forward pass for both streams), a CE run's only stream. And the own classifier's top-1
+training: a hybrid's contrastive views (in the shared-pass runs, before 8a73f6f, they also saw the
+class-balanced CE images, one forward pass for both streams), a CE run's only stream. And the own classifier's top-1
 on the un-augmented training images (how well it fits them); for a hybrid, the control: its
-classifier with the statistics re-estimated the same way over both streams, as in training.
+classifier with the statistics re-estimated the same way over both streams, as a shared-pass
+run's training saw them (since 8a73f6f each pass has its own batch statistics).
 For a hybrid-sc run also the floor of the SC loss (Eq. 3, mean over anchors) on its training
 batches: an anchor's L_i is at least log |P(i)|, reached when its positives coincide and its
 negatives are far; compare the log's `con` (how well the contrastive branch fits).
@@ -71,7 +72,7 @@ def training_stream(args, train_set, both=False):
     """One epoch (epoch 0 of the run's seed) of its instance-sampled training batches as
     augmented in training: a hybrid's contrastive views (2B, 3, H, W), else (B, 3, H, W);
     ``both``: a hybrid's whole forward pass, the views and the class-balanced CE batch
-    (2B + B, 3, H, W), as its running statistics saw them."""
+    (2B + B, 3, H, W), as a shared-pass run's running statistics saw them (before 8a73f6f)."""
     hybrid = args.loss in HYBRID_LOSSES
     args = SimpleNamespace(**{**vars(args), "sampler": "instance"})  # a CE run's own sampler may differ
     loader, sampler = train_loader_from_args(args, train_set, torch.device("cpu"), hybrid)
@@ -141,7 +142,7 @@ def probe(path, data_path=None):
         if not prefix:  # how well the model as trained fits its training images
             fit = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
     table["(training images)"] = fit
-    if args.loss in HYBRID_LOSSES:  # the control: re-estimated the same way over both streams, as in training
+    if args.loss in HYBRID_LOSSES:  # the control: re-estimated the same way over both streams, as a shared-pass run trained
         reestimate_bn(model, training_stream(args, train_set, both=True))
         table["BN re-estimated over both streams: classifier"] = row(
             outputs(model, test_set, normalize)[0]["logits"].argmax(1), test_labels, groups, num_classes)

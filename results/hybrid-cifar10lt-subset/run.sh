@@ -52,5 +52,5 @@ for seed in "$@"; do
     --amp bf16 --channels-last --seed "$seed" --output-dir "$out" --resume auto >> "$out.log" 2>&1  # >>: a resumed run keeps the log of its first part
   echo "$out (exit $?): $(tail -n 1 "$out.log")"
   python evaluate.py --checkpoint "$out/checkpoint.pth" --many-threshold 100 --few-threshold 20 --json \
-    --workers 0 --batch-size 500 > "$out-paper-thresholds.json" 2> "$out-paper-thresholds.err"
+    --workers 0 --batch-size 500 > "$out-paper-thresholds.json" 2>> "$out.log"
 done

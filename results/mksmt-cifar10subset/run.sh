@@ -45,5 +45,5 @@ for seed in "$@"; do
     --seed "$seed" --output-dir "$out" --resume auto >> "$out.log" 2>&1  # >>: a resumed run keeps the log of its first part
   echo "$out (exit $?): $(tail -n 1 "$out.log")"
   python evaluate.py --checkpoint "$out/checkpoint.pth" --flip v --json --workers 0 --batch-size 500 \
-    > "$out-flipv.json" 2> "$out-flipv.err"
+    > "$out-flipv.json" 2>> "$out.log"  # its warnings, if any, in the log
 done

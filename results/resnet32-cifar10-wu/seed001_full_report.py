@@ -1,4 +1,4 @@
-"""Where the seed 001 full-scale runs stand (results/resnet32-cifar10-wu/seed001-cifar10full-resnet32-seed<N>/),
+"""Where the full-scale runs of Wu's recipe (--recipe seed001-cifar10) stand (results/resnet32-cifar10-wu/seed001-cifar10full-resnet32-seed<N>/),
 in markdown for results/README.md, from the files the runs write and nothing else:
 
     python results/resnet32-cifar10-wu/seed001_full_report.py            # tables; with matplotlib also the plot

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Controlled short runs for the seed-001 gap: seed 001's recipe cut to ITERS iterations
+# Controlled short runs for the gap to Wu's 91.1: Wu's recipe (--recipe seed001-cifar10) cut to ITERS iterations
 # (default 4000; lr steps at 40/60/80% as in the full schedule, e.g. 1600, 2400, 3200;
 # warm-up 500 at 0.01 as there), from the same pinned worktree as the full runs (5909c2f),
 # one torch thread (SEED001_THREADS=2: both cores), --resume auto (rerun the same command to continue a stopped run).
