@@ -2,7 +2,7 @@
 
     python results/hybrid-cifar10lt-full/report.py
 
-For every run folder here (ldam-ce-seedN, hybrid-sc-seedN, hybrid-psc-seedN: one forward pass
+For every run folder here (ldam-ce-seedN; hybrid-sc-seedN, hybrid-psc-seedN: one forward pass
 shared by the two streams, as train.py did before 8a73f6f; hybrid-sc-twopass-seedN, ...: one pass
 per branch, as it does since; all started by results/run_long.sh): epochs done of 200, the last evaluation's test top-1 and its many /
 medium / few top-1 (the paper's thresholds: > 100, 20-100, < 20 training images), the best
