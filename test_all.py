@@ -1754,11 +1754,17 @@ def test_hybrid_step_normalises_each_branch_by_its_own_batch():
         _, parts, _ = train.hybrid_step(((views * (1 + shift) + shift, con_labels), (ce_images, ce_labels)), model,
                                         criterion, sgd, lambda t: t, contextlib.nullcontext, 0.5)
         ce_parts.append(parts["ce"].item())
-        assert parts["ce"].item() == F.cross_entropy(alone(ce_images)["logits"], ce_labels).item()
-        mean_views, mean_ce = alone.fc(views.flatten(0, 1).flatten(1) * (1 + shift) + shift).mean(0), alone.fc(ce_images.flatten(1)).mean(0)
-        want = 0.9 * (0.9 * torch.zeros(4) + 0.1 * mean_views) + 0.1 * mean_ce
-        assert torch.allclose(model.bn.running_mean, want.detach(), atol=1e-6)
-    assert ce_parts[0] == ce_parts[1]
+        shifted = views * (1 + shift) + shift
+        torch.testing.assert_close(parts["ce"], F.cross_entropy(alone(ce_images)["logits"], ce_labels))
+        torch.testing.assert_close(parts["con"], losses.SupConLoss(0.1)(
+            alone(shifted.flatten(0, 1))["projection"].view(4, 2, 3), con_labels))       # (B, 2 views, d)
+        with torch.no_grad():  # PyTorch's BN: momentum 0.1, running_var from the unbiased batch variance
+            h_views, h_ce = alone.fc(shifted.flatten(0, 1).flatten(1)), alone.fc(ce_images.flatten(1))
+        want_mean = 0.9 * (0.1 * h_views.mean(0)) + 0.1 * h_ce.mean(0)
+        want_var = 0.9 * (0.9 + 0.1 * h_views.var(0)) + 0.1 * h_ce.var(0)
+        torch.testing.assert_close(model.bn.running_mean, want_mean)
+        torch.testing.assert_close(model.bn.running_var, want_var)
+    assert math.isclose(ce_parts[0], ce_parts[1], rel_tol=1e-6)
 
 
 def test_long_tailed_sizes_and_subset():
@@ -1980,6 +1986,14 @@ def test_probe_features_reads_a_checkpoint_every_way():
         _, args, table = probe.probe(checkpoint)
         views = next(probe.training_stream(args, train_set))
         assert views.shape == (16, 3, 32, 32) and next(probe.training_stream(args, train_set, both=True)).shape[0] == 24
+        separate = probe.training_stream(args, train_set, both=True, shared=False)   # a pass per branch
+        assert [len(next(separate)) for _ in range(4)] == [16, 8, 16, 8] and not probe.shared_pass(checkpoint)
+        old = subprocess.run(["git", "-C", HERE, "rev-parse", "--verify", "-q", "0e5ddf8^{commit}"], capture_output=True,
+                             text=True).stdout  # a commit of the shared-pass code, where history is at hand
+        if old:
+            with open(os.path.join(out, "pinned_commit"), "w") as f:
+                f.write(old)
+            assert probe.shared_pass(checkpoint)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             assert evaluate.main(evaluate.get_args_parser().parse_args(
@@ -3175,12 +3189,12 @@ def test_reproduce_summary_mean_std_last_row_and_notes():
         seed001 = _table_rows(text, "seed001")
         assert seed001["ResNet-32 (seed001-cifar10)"] == ["91.33 ± 1.53", "3", "91.1 (Wu); 92.49 (He et al. 2016)"]
         hybrid = _table_rows(text, "hybrid-lt")
-        assert hybrid["CE"] == ["70.50", "-", "60.25", "40.00", "1", "70.36"], hybrid["CE"]
+        assert hybrid["CE (LDAM-DRW's recipe)"] == ["70.50", "-", "60.25", "40.00", "1", "70.36 (its best epoch)"], hybrid
         # SC: top-1 81 ± sqrt(2) = 1.41; many 90 ± 0; few 63 ± sqrt(18) = 4.24
         assert hybrid["Hybrid-SC"] == ["81.00 ± 1.41", "90.00 ± 0.00", "60.25 ± 0.00", "63.00 ± 4.24", "2", "81.40"]
         assert hybrid["Hybrid-PSC"] == ["-", "-", "-", "-", "0", "78.82"]
-        assert "CE, seed 1: unfinished (last evaluation after epoch 58 of 200)" in text
-        assert "CE, seed 2: missing (no run folder)" in text
+        assert "CE (LDAM-DRW's recipe), seed 1: unfinished (last evaluation after epoch 58 of 200)" in text
+        assert "CE (LDAM-DRW's recipe), seed 2: missing (no run folder)" in text
         assert "Hybrid-PSC, seed 0: unreadable" in text
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -3208,7 +3222,8 @@ def test_reproduce_commands_pass_only_flags_that_apply_and_smoke_only_appends():
     resolved = reproduce.resolve_commands(full)  # train.py's own parser accepts every command
     assert resolved[full[0].dir].iters == 80000 and resolved[full[0].dir].normalize == "seed001"
     ce = next(r for r in full if (r.setup, r.config.name) == ("hybrid-lt", "ce"))
-    assert resolved[ce.dir].loss == "ce" and resolved[ce.dir].batch_size == 512 and resolved[ce.dir].lr == 0.5
+    assert resolved[ce.dir].loss == "ce" and resolved[ce.dir].batch_size == 128 and resolved[ce.dir].lr == 0.1  # LDAM-DRW's
+    assert resolved[ce.dir].imbalance_ratio == 100 and resolved[ce.dir].warmup_epochs == 5
     plain = next(r for r in full if r.config.name == "plain56-ds1")
     assert resolved[plain.dir].deep_sup == [1] and resolved[plain.dir].lr == 0.001
     assert resolved[plain.dir].milestones == [32000, 48000] and resolved[plain.dir].milestone_unit == "iter"

@@ -221,7 +221,7 @@ def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=No
     with amp():
         con_out = model(place(views.flatten(0, 1)))      # projection (2B, 128): the contrastive branch
         ce_out = model(place(ce_images))                 # logits (B', K): the classifier branch
-    projections = utils.to_float32(con_out)["projection"].view(B, 2, -1)   # (B, 2, 128): the views of image b
+    projections = utils.to_float32(con_out, ("projection",))["projection"].view(B, 2, -1)   # (B, 2, 128): image b's views
     # distributed: positives and negatives span every process's batch, as on the paper's one device
     projections, con_labels = utils.gather(projections), utils.gather(con_labels)   # (N B, 2, 128), (N B,)
     ce_out32 = utils.to_float32(ce_out)

@@ -997,7 +997,11 @@ def prepare_model(model, device, world_size, channels_last=False, sync_bn=False,
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused_parameters)
+            find_unused_parameters=unused_parameters, broadcast_buffers=False)
+        # not DDP's default: copying rank 0's BN buffers in before every forward would, in a step
+        # with two forward passes before its backward (the hybrid network), overwrite in place
+        # what the first pass saved for backward (an error on some torch versions). Training-mode
+        # BN reads batch statistics; evaluation and checkpoints use rank 0's buffers (train.py)
     if compile_mode != "none":
         return torch.compile(train_model, mode=compile_mode), torch.compile(model, mode=compile_mode)
     return train_model, model

@@ -2,7 +2,7 @@
 # The paper-scale runs, on CPU, across sessions: one script for all of them.
 #
 #   bash results/run_long.sh RUN SEED          # start, or continue with --resume auto
-#   nohup bash results/run_long.sh hybrid-sc 0 > /dev/null 2>&1 &
+#   nohup bash results/run_long.sh hybrid-sc-twopass 0 > /dev/null 2>&1 &
 #   stop at a step boundary with a checkpoint: kill -TERM <the python pid> (pgrep -f "output-dir .*RUN-seedN")
 #
 # RUN (the table below): the recipe, its study folder under results/ and its flags.
@@ -32,11 +32,14 @@ out=$repo/results/$study/$run-seed$seed
 [ "$run" = seed001 ] && out=$repo/results/$study/seed001-cifar10full-resnet32-seed$seed  # its folders' names
 log=$out.log
 npz=${DATA:-$repo/../data/cifar10_full.npz}
-case $run in hybrid-sc|hybrid-psc) [ -f "$out/pinned_commit" ] || {
-  echo "$run names the one-pass runs (a pinned commit before the change); start $run-twopass" >&2; exit 2; } ;; esac
-mkdir -p "$out"
 if [ -f "$out/pinned_commit" ]; then pin=$(cat "$out/pinned_commit"); else
-  pin=$(git rev-parse --verify "${PIN:-HEAD}^{commit}") || exit 2; echo "$pin" > "$out/pinned_commit"; fi
+  pin=$(git rev-parse --verify "${PIN:-HEAD}^{commit}") || exit 2; fi
+two_pass=$(git merge-base --is-ancestor 8a73f6f "$pin" && echo yes || echo no)  # hybrid_step's pass per branch
+case $run:$two_pass in hybrid-sc:yes|hybrid-psc:yes|hybrid-*-twopass:no)
+  echo "$run does not fit commit ${pin:0:7}: hybrid-sc / hybrid-psc name the shared-pass code (before 8a73f6f)," \
+    "hybrid-*-twopass the code since" >&2; exit 2 ;; esac
+mkdir -p "$out"
+[ -f "$out/pinned_commit" ] || echo "$pin" > "$out/pinned_commit"
 tree=$repo/../worktrees/${pin:0:10}
 [ -d "$tree" ] || git worktree add --detach "$tree" "$pin" > /dev/null || exit 2
 [ "$(git -C "$tree" rev-parse HEAD)" = "$pin" ] || { echo "worktree $tree is not at $pin" >&2; exit 2; }

@@ -13,11 +13,11 @@ For each checkpoint (the model in eval mode, fp32, un-augmented images):
   NCM on z          the same on the hybrid network's projection z (128-d), when there is one
 then all four again after BatchNorm's running statistics are recomputed (plain average,
 momentum None) over one epoch of the run's instance-sampled training batches, augmented as in
-training: a hybrid's contrastive views (in the shared-pass runs, before 8a73f6f, they also saw the
-class-balanced CE images, one forward pass for both streams), a CE run's only stream. And the own classifier's top-1
+training: a hybrid's contrastive views, a CE run's only stream. And the own classifier's top-1
 on the un-augmented training images (how well it fits them); for a hybrid, the control: its
-classifier with the statistics re-estimated the same way over both streams, as a shared-pass
-run's training saw them (since 8a73f6f each pass has its own batch statistics).
+classifier with the statistics re-estimated the same way over both streams as its running
+statistics saw them: in one forward pass per step (runs pinned before 8a73f6f) or in one for
+the views and one for the class-balanced CE batch (the code since).
 For a hybrid-sc run also the floor of the SC loss (Eq. 3, mean over anchors) on its training
 batches: an anchor's L_i is at least log |P(i)|, reached when its positives coincide and its
 negatives are far; compare the log's `con` (how well the contrastive branch fits).
@@ -26,6 +26,7 @@ Not in any paper: a diagnostic of ours; nothing here is chosen on the test set.
 """
 import argparse
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -68,11 +69,25 @@ def reestimate_bn(model, batches):
     return model.eval()
 
 
-def training_stream(args, train_set, both=False):
+def shared_pass(path):
+    """Whether the run of checkpoint ``path`` put both hybrid streams through one forward pass:
+    hybrid_step before 8a73f6f, judged by its folder's pinned_commit (results/run_long.sh);
+    without one, the code here (a pass per branch)."""
+    pin = os.path.join(os.path.dirname(os.path.abspath(path)), "pinned_commit")
+    if not os.path.exists(pin):
+        return False
+    test = subprocess.run(["git", "-C", REPO, "merge-base", "--is-ancestor", "8a73f6f", open(pin).read().strip()])
+    if test.returncode not in (0, 1):
+        raise SystemExit(f"git cannot place the commit in {pin}")
+    return test.returncode == 1
+
+
+def training_stream(args, train_set, both=False, shared=True):
     """One epoch (epoch 0 of the run's seed) of its instance-sampled training batches as
     augmented in training: a hybrid's contrastive views (2B, 3, H, W), else (B, 3, H, W);
-    ``both``: a hybrid's whole forward pass, the views and the class-balanced CE batch
-    (2B + B, 3, H, W), as a shared-pass run's running statistics saw them (before 8a73f6f)."""
+    ``both``: the class-balanced CE batches too, as the running statistics saw them:
+    ``shared``, in the same forward pass as the views (2B + B, 3, H, W), else as a batch of
+    their own after the views' (B, 3, H, W)."""
     hybrid = args.loss in HYBRID_LOSSES
     args = SimpleNamespace(**{**vars(args), "sampler": "instance"})  # a CE run's own sampler may differ
     loader, sampler = train_loader_from_args(args, train_set, torch.device("cpu"), hybrid)
@@ -82,7 +97,12 @@ def training_stream(args, train_set, both=False):
             yield batch[0]
         else:
             (views, _), (ce_images, _) = batch
-            yield torch.cat([views.flatten(0, 1), ce_images]) if both else views.flatten(0, 1)
+            if both and shared:
+                yield torch.cat([views.flatten(0, 1), ce_images])
+                continue
+            yield views.flatten(0, 1)
+            if both:
+                yield ce_images
 
 
 def row(pred, labels, groups, num_classes):
@@ -142,8 +162,8 @@ def probe(path, data_path=None):
         if not prefix:  # how well the model as trained fits its training images
             fit = row(train_out["logits"].argmax(1), train_labels, groups, num_classes)
     table["(training images)"] = fit
-    if args.loss in HYBRID_LOSSES:  # the control: re-estimated the same way over both streams, as a shared-pass run trained
-        reestimate_bn(model, training_stream(args, train_set, both=True))
+    if args.loss in HYBRID_LOSSES:  # the control: re-estimated the same way over both streams, as the run trained
+        reestimate_bn(model, training_stream(args, train_set, both=True, shared=shared_pass(path)))
         table["BN re-estimated over both streams: classifier"] = row(
             outputs(model, test_set, normalize)[0]["logits"].argmax(1), test_labels, groups, num_classes)
     if args.loss == "hybrid-sc":

@@ -70,12 +70,14 @@ def main():
         print("(matplotlib not installed: no curves.png)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = set()
     for method, seeds in table.items():
         label, paper, colour = METHODS[method]
         for seed, rows in seeds:
             ax.plot([r["epoch"] + 1 for r in rows], [r["test_top1"] for r in rows], color=colour, lw=1,
                     label=f"{label}, seed {seed}")
-        if not method.endswith("-twopass"):  # the paper's line once per method
+        if paper not in drawn:  # the paper's line once per method
+            drawn.add(paper)
             ax.axhline(paper, color=colour, ls="--", lw=1, label=f"{label.split(',')[0]}, paper: {paper}")
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", xlim=(0, EPOCHS), ylim=(0, 100),
            title="CIFAR-10-LT, beta 100, ResNet-32 (JPEG-derived copy)")
