@@ -238,7 +238,7 @@ def deep_supervision_weight(alpha0, epoch, epochs, decay="linear", stop_epoch=No
 
 
 def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
-    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; the Chinese explainer of it,
+    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; the Chinese digest of it,
     section 损失函数 "loss function": the joint loss of the main network and the
     supervision branch, formulas printed as images without numbers):
 

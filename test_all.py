@@ -1767,6 +1767,27 @@ def test_hybrid_step_normalises_each_branch_by_its_own_batch():
     assert math.isclose(ce_parts[0], ce_parts[1], rel_tol=1e-6)
 
 
+def test_hybrid_step_puts_deep_supervision_on_the_ce_batch():
+    """With an auxiliary head (--deep-sup) the hybrid step adds alpha_t * CE(aux head) of the
+    class-balanced CE batch, from that batch's own pass."""
+    torch.manual_seed(0)
+    model = models.build_model("resnet20", 3, deep_sup=[1], projection_dim=8)
+    alone = copy.deepcopy(model)
+    views, ce_images = torch.randn(4, 2, 3, 16, 16), torch.randn(5, 3, 16, 16)
+    con_labels, ce_labels = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2, 0])
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(1)  # the aux head's dropout: the same draws here and below
+    loss, parts, _ = train.hybrid_step(((views, con_labels), (ce_images, ce_labels)), model,
+                                       losses.HybridLoss(losses.SupConLoss(0.1)), sgd, lambda t: t,
+                                       contextlib.nullcontext, 0.25, aux_weight=0.5)
+    torch.manual_seed(1)
+    alone(views.flatten(0, 1))                      # the views' pass first: same BN state and draws as in the step
+    out = alone(ce_images)
+    aux = F.cross_entropy(out["aux_logits"][0], ce_labels)                        # (5, 3) logits
+    torch.testing.assert_close(parts["aux"], aux)
+    torch.testing.assert_close(loss, 0.25 * parts["con"] + 0.75 * parts["ce"] + 0.5 * aux)
+
+
 def test_long_tailed_sizes_and_subset():
     for K, n_max, sizes in ((10, 5000, (12406, 13996, 20431)), (100, 500, (10847, 12608, 19573))):
         assert tuple(sum(data.long_tailed_counts(n_max, K, beta)) for beta in (100, 50, 10)) == sizes
