@@ -213,8 +213,8 @@ def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=No
     """The hybrid network (Wang et al. 2021): alpha * SC / PSC / MPSC on the projected
     views of an instance-sampled batch + (1 - alpha) * CE on a class-balanced batch.
     batch: ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))).
-    One forward pass per branch, as in BBN's code (the paper follows BBN's joint training), so
-    each batch is normalised by its own BN statistics; both passes update the running ones."""
+    not in the paper (it follows BBN's joint training, silent on passes): one forward pass per
+    branch, as BBN's code, so each batch has its own BN statistics; both update the running ones."""
     (views, con_labels), (ce_images, ce_labels) = batch
     con_labels, ce_labels = place(con_labels), place(ce_labels)
     B = len(con_labels)
