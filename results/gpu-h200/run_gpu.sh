@@ -24,7 +24,9 @@ case $SET in
            --workers 2 --eval-every 10 --print-freq 23"; }; folder() { echo "lfw20-resnet34-224px-$1-seed$2"; } ;;
   lt)  python3 results/gpu-h200/make_lt_pack.py --decode .devdata/cifar10lt100_pack.npz /tmp/cifar10_lt.npz || exit 2
        names="ldam-ce hybrid-sc hybrid-psc"; flags() { echo "--recipe $1-cifar10lt --dataset npz \
-           --data-path /tmp/cifar10_lt.npz --print-freq 24"; }; folder() { echo "$1-seed$2"; } ;;
+           --data-path /tmp/cifar10_lt.npz --print-freq 24"; }
+       # hybrid-*-twopass: one forward pass per branch, as run_long.sh names the code since 8a73f6f
+       folder() { case $1 in hybrid-*) echo "$1-twopass-seed$2" ;; *) echo "$1-seed$2" ;; esac; } ;;
   *) echo "SET=lfw or SET=lt" >&2; exit 2 ;;
 esac
 # Beside the runs, on cores of its own and no GPU: the distributed test that the first lent session

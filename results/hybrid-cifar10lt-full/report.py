@@ -74,8 +74,9 @@ def main():
     for method, seeds in table.items():
         label, paper, colour = METHODS[method]
         for seed, rows in seeds:
+            unfinished = "" if rows[-1]["epoch"] + 1 >= EPOCHS else " (in progress)"
             ax.plot([r["epoch"] + 1 for r in rows], [r["test_top1"] for r in rows], color=colour, lw=1,
-                    label=f"{label}, seed {seed}")
+                    label=f"{label}, seed {seed}{unfinished}")
         if paper not in drawn:  # the paper's line once per method
             drawn.add(paper)
             ax.axhline(paper, color=colour, ls="--", lw=1, label=f"{label.split(',')[0]}, paper: {paper}")
