@@ -85,7 +85,7 @@ def main():
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "curves.png"), dpi=120)
-    print(f"wrote {os.path.join(HERE, 'curves.png')}")
+    print("wrote curves.png (beside this script)")
 
 
 if __name__ == "__main__":
