@@ -39,6 +39,11 @@ def runs():
     return found
 
 
+def in_progress(rows):
+    """The mark of a run short of its last epoch (its number is not a result): " (in progress)", else ""."""
+    return "" if rows[-1]["epoch"] + 1 >= EPOCHS else " (in progress)"
+
+
 def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
@@ -52,12 +57,11 @@ def main():
         for seed, rows in seeds:
             last = rows[-1]
             done = last["epoch"] + 1
-            state = "" if done >= EPOCHS else " (in progress)"
             best = max(rows, key=lambda r: r["test_top1"])  # chosen on test: LDAM-DRW's protocol, not ours
-            print(f"| {label} | {seed} | {done} / {EPOCHS}{state} | {fmt(last['test_top1'])} | "
+            print(f"| {label} | {seed} | {done} / {EPOCHS}{in_progress(rows)} | {fmt(last['test_top1'])} | "
                   f"{fmt(last.get('test_many_top1'))} | {fmt(last.get('test_medium_top1'))} | "
                   f"{fmt(last.get('test_few_top1'))} | {fmt(best['test_top1'])} ({best['epoch'] + 1}) | {paper:.2f} |")
-        finished = [rows[-1]["test_top1"] for _, rows in seeds if rows[-1]["epoch"] + 1 >= EPOCHS]
+        finished = [rows[-1]["test_top1"] for _, rows in seeds if not in_progress(rows)]
         if len(finished) > 1:
             mean = sum(finished) / len(finished)
             std = math.sqrt(sum((v - mean) ** 2 for v in finished) / (len(finished) - 1))
@@ -74,9 +78,8 @@ def main():
     for method, seeds in table.items():
         label, paper, colour = METHODS[method]
         for seed, rows in seeds:
-            unfinished = "" if rows[-1]["epoch"] + 1 >= EPOCHS else " (in progress)"
             ax.plot([r["epoch"] + 1 for r in rows], [r["test_top1"] for r in rows], color=colour, lw=1,
-                    label=f"{label}, seed {seed}{unfinished}")
+                    label=f"{label}, seed {seed}{in_progress(rows)}")
         if paper not in drawn:  # the paper's line once per method
             drawn.add(paper)
             ax.axhline(paper, color=colour, ls="--", lw=1, label=f"{label.split(',')[0]}, paper: {paper}")
