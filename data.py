@@ -801,7 +801,7 @@ def build_datasets(name, data_path=None, download=False, image_size=None, normal
     """Build (train_set, test_set, num_classes) for ``name`` in ``DATASETS``.
 
     ``image_size`` defaults to 32 for CIFAR/npz and 224 otherwise; ``normalize``
-    (``"cifar"``, ``"imagenet"`` or ``"seed001"``) defaults per dataset.
+    (a key of ``NORMALIZATIONS``) defaults per dataset.
     ``split_seed`` fixes the LFW / CUB-subset 8:2 splits. ``skip_corrupt`` opens
     every image of a file-based dataset once and drops the unreadable ones (listed
     in ``.dropped``); without it an unreadable image stops the run, named.

@@ -299,7 +299,7 @@ def main(args):
                                for g in ("many", "medium", "few")))
         for name, acc in result["per_class"].items():
             print(f"  {name:30s} " + ("     -  (no test images)" if acc is None else f"{acc:6.2f}"))
-        for key in sorted(k for k in result if k.startswith("head_top1")):
+        for key in sorted(k for k in result if k.startswith(("head_top1", "aux_top1"))):
             print(f"  {key}: {result[key]:.2f}")
         if args.flip:
             print(f"  (test images flipped: {'horizontally' if args.flip == 'h' else 'vertically'})")

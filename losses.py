@@ -9,8 +9,8 @@ paper itself). A paper that is not among those texts (Qi & Su 2017, Wen et al.
 2016, Wang et al. 2015, Khosla et al. 2020) is cited by name or section, never
 by an equation number that could not be checked here. A ``# Eq. (n)`` comment
 uses the numbering of the docstring above it. README.md (section Code map)
-writes every equation out. Every loss is tested in ``test_all.py`` against a
-per-sample Python loop written from the equation (``naive_*``, at the end of this file).
+writes every equation out. ``test_all.py`` checks each loss against a per-sample Python
+loop (``naive_*`` at the end of this file; feature_kd_loss, deep_supervision_loss: inline).
 """
 import functools
 import math
@@ -118,7 +118,9 @@ class _WenCenterUpdate(torch.autograd.Function):
     update), whatever lambda and the reduction are. A class absent from the batch
     gets delta c_j = 0. With ``over_processes`` (a batch split over the processes of
     torch.distributed) the sums over i run over every process's samples, so each
-    process takes the step of the whole batch (not in the paper: one device)."""
+    process takes the step of the whole batch (not in the paper: one device).
+    alpha: Wen's center learning rate (--center-lr), not the hybrid's alpha.
+    Shapes: centers (K, d), features (B, d), labels (B,) int64 -> (K, d)."""
 
     @staticmethod
     def forward(ctx, centers, features, labels, over_processes=False):
@@ -157,7 +159,9 @@ class CenterLoss(nn.Module):
     Args:
         num_classes: K.
         feat_dim: d.
-        reduction: ``"sum"`` (paper) or ``"mean"``.
+        reduction: ``"sum"`` (L_C as written) or ``"mean"``. Wen's paper sums both
+            L_S and L_C; beside a batch-mean CE, ``"mean"`` keeps lambda on that scale
+            (train.py's ``--loss center`` default; with ``"sum"`` lambda weighs B times more).
         update: ``"wen"`` or ``"autograd"``.
     Attributes:
         centers: ``nn.Parameter`` (K, d).
@@ -193,7 +197,8 @@ class JointSupervisionLoss(nn.Module):
 
     The softmax (cross-entropy) term L_s is averaged over the batch, as Tong's
     Eq. 6 writes it; the center term keeps its own reduction (Tong's Eq. 7 sums
-    over the batch). Passing a ``CenterLoss`` gives Wen et al.'s joint objective ``L_S + lambda * L_C``.
+    over the batch). Passing a ``CenterLoss`` gives Wen et al.'s joint objective ``L_S + lambda * L_C``
+    (its lambda as Wen's when both terms are reduced alike: ``reduction="mean"``).
 
     Args:
         center_loss: a ``ContrastiveCenterLoss`` or ``CenterLoss``.
@@ -217,28 +222,28 @@ class JointSupervisionLoss(nn.Module):
 def deep_supervision_weight(alpha0, epoch, epochs, decay="linear", stop_epoch=None):
     """alpha_t, the weight of the auxiliary losses at epoch t (Wang, Lee, Tu,
     Lazebnik 2015, "Training deeper convolutional networks with deep
-    supervision"; here from the Chinese explainer of it, section 损失函数 "loss
+    supervision"; here from the Wang et al. 2015 digest, section 损失函数 "loss
     function", whose formulas are images without numbers).
 
         linear: alpha_t = alpha0 * (1 - t / N)
         none:   alpha_t = alpha0
         step:   alpha_t = alpha0 for t < stop_epoch (default N / 2), then 0
 
-    The explainer says only that alpha_t decays with the training epoch t and
+    The digest says only that alpha_t decays with the training epoch t and
     prints the formula as an image; ``linear`` is its common reading. not in the
     paper: ``step`` (DSN-style: drop the companion loss after some epochs). t counts from 0, N = ``epochs``.
     """
     if decay == "none":
         return alpha0
     if decay == "linear":
-        return alpha0 * (1 - epoch / epochs)
+        return alpha0 * (1 - epoch / epochs)  # not in the paper: t = 0..N-1, once per epoch: never 0
     if decay == "step":
         return alpha0 if epoch < (epochs // 2 if stop_epoch is None else stop_epoch) else 0.0
     raise ValueError(f"decay must be 'linear', 'none' or 'step', got {decay!r}")
 
 
 def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
-    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; the Chinese digest of it,
+    """Deep supervision (Wang, Lee, Tu, Lazebnik 2015; the Wang et al. 2015 digest,
     section 损失函数 "loss function": the joint loss of the main network and the
     supervision branch, formulas printed as images without numbers):
 
@@ -263,8 +268,8 @@ def deep_supervision_loss(main_loss, aux_logits, labels, alpha_t):
 # These are the digest's numbers; the paper's own were not checked here.
 # ----------------------------------------------------------------------------------
 class SupConLoss(nn.Module):
-    """Supervised contrastive loss, SC (Khosla et al. 2020; Wang et al. 2021 digest,
-    Eq. 3: the number the digest gives it, "the tau of formula 3").
+    """Supervised contrastive loss, SC (Khosla et al. 2020; Wang et al. 2021 digest, section
+    "Supervised contrastive loss and its memory issue", Eq. 3: its number, "the tau of formula 3").
 
         L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau) )   (Eq. 3)
 
@@ -281,6 +286,7 @@ class SupConLoss(nn.Module):
 
     Args:
         temperature: tau, 0.1 for CIFAR and iNaturalist (the digest's implementation details).
+        base_temperature: None, or SupContrast's rescaling (see above; not in the paper).
     Shapes:
         features (B, V, d), already L2-normalised; labels (B,) int64 -> scalar.
     """
@@ -292,7 +298,7 @@ class SupConLoss(nn.Module):
     @full_precision
     def forward(self, features, labels):
         B, V, d = features.shape
-        z = features.reshape(B * V, d)                                   # (N, d), view-major per image
+        z = features.reshape(B * V, d)                                   # (N, d), row b*V + v: view v of image b
         anchor_labels = labels.repeat_interleave(V)                      # (N,)
         logits = z @ z.t() / self.temperature                            # (N, N)
         self_mask = torch.eye(B * V, dtype=torch.bool, device=z.device)
@@ -304,17 +310,17 @@ class SupConLoss(nn.Module):
         # masked_fill, not multiplication: 0 * -inf on the diagonal would be NaN
         sum_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1)        # (N,)
         per_anchor = -sum_log_prob / num_positive.clamp_min(1)            # (N,) Eq. (3); 0 without a positive
-        if self.base_temperature is not None:
+        if self.base_temperature is not None:  # not in the paper: SupContrast's tau / base_temperature
             per_anchor = per_anchor * (self.temperature / self.base_temperature)
-        # the mean over anchors that have a positive, as masks: no data-dependent shape, no device sync
+        # not in the paper: the mean over anchors with a positive (masks: no data-dependent shape, no sync)
         return per_anchor.sum() / has_positive.sum().clamp_min(1)
 
 
 class PSCLoss(nn.Module):
     """Prototypical supervised contrastive loss, PSC, and its multi-prototype form
-    MPSC (Wang et al., CVPR 2021; Wang et al. 2021 digest, Eq. 4 and 5). The
-    digest numbers neither: they are the two formulas printed after SC's Eq. 3,
-    numbered in sequence (ambiguous if the digest left out a formula between).
+    MPSC (Wang et al., CVPR 2021; Wang et al. 2021 digest, section "Prototypical supervised
+    contrastive loss", Eq. 4 and 5). The digest numbers neither: they are the two formulas
+    printed after SC's Eq. 3, numbered in sequence (ambiguous if the digest left out a formula between).
 
     One learnable prototype p_k per class (M per class for MPSC), L2-normalised
     in forward:
@@ -324,16 +330,17 @@ class PSCLoss(nn.Module):
         L_i = -sum_m w_{i,m} log( exp(z_i.p^m_{y_i} / tau)
                                   / sum_{j != y_i} sum_{m'} exp(z_i.p^{m'}_j / tau) )          (Eq. 5)
 
-    The denominator excludes the positive class, as the paper writes it;
-    ``include_positive=True`` adds it (then Eq. 4 is a softmax cross-entropy over
-    cosine logits). The loss is the mean of L_i over all B*V views (not in the
-    paper: mean instead of the written sum, as in ``SupConLoss``).
+    The digest prints Eq. 4 as an image; we follow its text (C - 1 negatives per
+    sample): the denominator excludes the own class. ``include_positive=True`` adds
+    it (then Eq. 4 is a softmax cross-entropy over cosine logits). The loss is the
+    mean of L_i over all B*V views (not in the paper: a mean, as in ``SupConLoss``).
 
     MPSC (``num_prototypes`` M > 1): the digest only states w_{i,m} >= 0 and
     sum_m w_{i,m} = 1 (the rule is "left to future work"). not in the paper: our
     weights are ``"uniform"`` (w = 1/M, default) or ``"softmax"`` (w_{i,m} =
     softmax_m(z_i.p^m_{y_i} / tau), detached: the nearest own prototype counts
-    most). The denominator sums over all M prototypes of every other class.
+    most). not in the paper: the denominator sums over all M prototypes of every
+    other class.
     not in the paper: prototypes start as random unit vectors (the digest notes the
     initialisation is not described).
 
@@ -368,18 +375,18 @@ class PSCLoss(nn.Module):
         prototypes = F.normalize(self.prototypes, dim=1).to(features.dtype)        # (K*M, d)
         logits = (features @ prototypes.t() / self.temperature).view(-1, K, M)   # (N, K, M)
         own = logits[torch.arange(len(labels), device=labels.device), labels]    # (N, M)
-        others = logits
+        denominator_logits = logits                                              # every class, own included
         if not self.include_positive:
             # a comparison, not F.one_hot, which checks the label range on the host (a device sync)
             is_own = (labels[:, None] == torch.arange(K, device=labels.device))[:, :, None].expand_as(logits)  # (N, K, M)
-            others = logits.masked_fill(is_own, float("-inf"))
-        log_denominator = torch.logsumexp(others.flatten(1), dim=1)             # (N,)
+            denominator_logits = logits.masked_fill(is_own, float("-inf"))      # own class excluded
+        log_denominator = torch.logsumexp(denominator_logits.flatten(1), dim=1)  # (N,)
         log_ratio = own - log_denominator[:, None]                               # (N, M)
         if M == 1 or self.prototype_weights == "uniform":
             weights = torch.full_like(own, 1.0 / M)                              # (N, M)
         else:
             weights = own.detach().softmax(dim=1)
-        return -(weights * log_ratio).sum(1).mean()                             # Eq. (4) / (5)
+        return -(weights * log_ratio).sum(1).mean()  # Eq. (4) / (5); not in the paper: mean, not sum
 
 
 def hybrid_alpha(epoch, epochs, schedule="parabolic", const=0.5):
@@ -395,9 +402,9 @@ def hybrid_alpha(epoch, epochs, schedule="parabolic", const=0.5):
     t counts epochs from 0, T = ``epochs``.
     """
     if schedule == "parabolic":
-        return 1.0 - (epoch / epochs) ** 2
+        return 1.0 - (epoch / epochs) ** 2  # not in the paper: t = 0..T-1, once per epoch: never 0
     if schedule == "linear":
-        return 1.0 - epoch / epochs
+        return 1.0 - epoch / epochs  # not in the paper: idem
     if schedule == "const":
         return const
     raise ValueError(f"schedule must be 'parabolic', 'linear' or 'const', got {schedule!r}")
@@ -444,6 +451,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True
         L_KD = 1/B sum_b sum_i p_t,i (log p_t,i - log p_s,i)  = KL(p_t || p_s) (Yu et al., Eq. 2, 6)
         L_KD <- T^2 * L_KD  when t2_scale                  (Hinton et al. 2015)
 
+    not in the paper: the 1/B batch mean is our reading (Eq. 2 is printed as an image).
+
     Args:
         temperature: T; 1 in the paper (its sweep: 1, 2, 3, 4, 7, 10).
         detach_teacher: no gradient flows into the teacher head (default).
@@ -454,11 +463,11 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True
         least float32, with log_softmax (no exp overflow).
     """
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    teacher = teacher_logits.detach() if detach_teacher else teacher_logits
+    teacher = teacher_logits.detach() if detach_teacher else teacher_logits  # not in the paper: detaching
     log_p_s = (student_logits.to(dtype) / temperature).log_softmax(dim=1)    # (B, K)  Eq. (1)
     log_p_t = (teacher.to(dtype) / temperature).log_softmax(dim=1)           # (B, K)  Eq. (1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()             # Eq. (2), (6)
-    return kl * temperature ** 2 if t2_scale else kl
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()             # Eq. (2), (6); not in the paper: the mean
+    return kl * temperature ** 2 if t2_scale else kl  # not in the paper: T^2 (Hinton's convention)
 
 
 def feature_kd_loss(student_feature, teacher_feature, detach_teacher=True):
@@ -478,7 +487,7 @@ def feature_kd_loss(student_feature, teacher_feature, detach_teacher=True):
 
 # ----------------------------------------------------------------------------------
 # Reference loops: each loss written again from its equation, one sample at a time, in
-# plain Python floats. Slow and obviously right; test_all.py checks every vectorised loss
+# plain Python floats. Slow and obviously right; test_all.py checks the vectorised losses
 # above against them (edge cases included) and benchmark.py times both.
 # ----------------------------------------------------------------------------------
 def naive_contrastive_center(x, y, c, delta, reduction="sum"):

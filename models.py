@@ -221,8 +221,8 @@ class PlainNet(nn.Module):
     Args:
         init: ``"xavier"`` (default; Glorot & Bengio 2010, the usual init when those
             papers were written) or ``"kaiming"`` (He et al. 2015, fan_in), which
-            keeps the signal alive without BN. not in the paper: the deep-supervision
-            explainer of Wang et al. 2015 gives no init.
+            keeps the signal alive without BN. not in the paper: the Wang et al. 2015
+            digest gives no init.
     Shapes: as ``CifarResNet``.
     """
 
@@ -496,7 +496,7 @@ def embedding_dim(model):
 # Deep supervision (Wang, Lee, Tu, Lazebnik 2015)
 # ----------------------------------------------------------------------------------
 class AuxHead(nn.Module):
-    """Auxiliary classifier of Wang et al. 2015 (as the Chinese explainer describes
+    """Auxiliary classifier of Wang et al. 2015 (as the Wang et al. 2015 digest describes
     it): a conv3x3-BN-ReLU block, two FC layers each followed by ReLU and dropout,
     and a final FC.
 
@@ -549,8 +549,8 @@ class DeeplySupervised(nn.Module):
 
 
 def probe_gradients(model, step, loader, sampler, scheduler, iterations, threshold, path):
-    """The rule for placing the auxiliary classifier (Wang et al. 2015, as the deep-supervision
-    explainer gives it): train ``iterations`` steps, record the mean |gradient| of every
+    """The rule for placing the auxiliary classifier (Wang et al. 2015, as the Wang et al. 2015
+    digest gives it): train ``iterations`` steps, record the mean |gradient| of every
     conv / linear weight of the backbone after
     each backward pass, and attach the head after the stage holding the deepest layer
     whose mean falls below ``threshold`` (1e-7 in the paper). Writes ``path``
@@ -596,11 +596,11 @@ def probe_gradients(model, step, loader, sampler, scheduler, iterations, thresho
 # ----------------------------------------------------------------------------------
 class ProjectionHead(nn.Module):
     """The contrastive branch's MLP f_e (Wang et al. CVPR 2021, "A Hybrid Framework"):
-    Linear d -> d, ReLU, Linear d -> 128, then L2 normalisation (z lies on the unit
-    sphere).
+    Linear d -> d, ReLU, Linear d -> out_dim (128), then L2 normalisation (z lies on
+    the unit sphere).
 
-    not in the paper: the hidden width d (SupContrast's choice); the digest only
-    says "MLP".
+    not in the paper: two layers with a ReLU and the hidden width d (SupContrast's
+    choice); the digest only says "MLP".
     Shapes: (B, d) -> (B, out_dim), unit norm.
     """
 
@@ -617,7 +617,7 @@ class HybridNet(nn.Module):
     the backbone's own linear classifier (``logits``, the CE branch; the only
     output used at inference) and a ``ProjectionHead`` (``projection``, the
     contrastive branch). ``forward`` returns the backbone's dict plus
-    ``"projection"`` (B, 128)."""
+    ``"projection"`` (B, P), P = ``projection_dim`` (128 by default)."""
 
     def __init__(self, backbone, embedding_dim, projection_dim=128):
         super().__init__()
@@ -629,7 +629,7 @@ class HybridNet(nn.Module):
 
     def forward(self, x):
         out = self.backbone(x)
-        out["projection"] = self.projection_head(out["embedding"])  # (B, 128)
+        out["projection"] = self.projection_head(out["embedding"])  # (B, P)
         return out
 
 

@@ -2,15 +2,17 @@
 configuration and seed, then writes a mean ± std table per setup.
 
     python reproduce.py --smoke                                   # every setup on tiny made-up data, < 1 min
-    python reproduce.py seed001 --data cifar10.npz --plan         # measured img/s and minutes only
+    python reproduce.py seed001 --data ./data --plan              # measured img/s and minutes only
     python reproduce.py seed001 hybrid-lt deepsup --data cifar10.npz --seeds 0 1 2 --parallel 2
     python reproduce.py lfw --data /path/to/lfw                   # <Name>/<Name>_NNNN.jpg
     python reproduce.py all --data cifar10.npz --data /path/to/lfw --out runs/reproduce
 
 SETUP is a key of ``SETUPS`` (or ``all``): seed001, hybrid-lt, lfw, deepsup.
 ``--data`` takes a path per kind of data: a ``.npz`` file is the decoded CIFAR-10
-(x_train (N, 32, 32, 3) uint8, y_train, x_test, y_test, classes), a folder is LFW;
-``npz=PATH`` / ``lfw=PATH`` say it explicitly.
+(x_train (N, 32, 32, 3) uint8, y_train, x_test, y_test, classes), a folder holding
+``cifar-10-batches-py`` is torchvision's CIFAR-10 (``train.py --dataset cifar10`` fetches
+it into ``./data``), another folder is LFW; ``npz=PATH`` / ``cifar10=PATH`` / ``lfw=PATH``
+say it explicitly.
 
 Every run is ``python train.py <configuration's flags> --dataset ... --data-path PATH
 --seed S --device D --output-dir OUT/SETUP/<configuration>-seed<S> --resume auto``
@@ -101,7 +103,8 @@ SETUPS = {
 
 # kind of --data: (train.py flags that take the path, what --data must point at)
 DATA_KINDS = {
-    "npz": (["--dataset", "npz", "--data-path"], "the decoded CIFAR-10 .npz (see README: Data)"),
+    "npz": (["--dataset", "npz", "--data-path"], "the decoded CIFAR-10 .npz or torchvision's CIFAR-10 folder"),
+    "cifar10": (["--dataset", "cifar10", "--data-path"], "torchvision's CIFAR-10 folder (cifar-10-batches-py inside)"),
     "lfw": (["--dataset", "lfw", "--data-path"], "the LFW folder <Name>/<Name>_NNNN.jpg (see README: Data)"),
 }
 METRIC_LABELS = {"test_top1": "top-1 (%)", "test_many_top1": "many (%)", "test_medium_top1": "medium (%)",
@@ -141,10 +144,20 @@ class OneLineParser(argparse.ArgumentParser):
 # Commands
 # ----------------------------------------------------------------------------------
 def data_kind(path):
-    """'npz' for a .npz file, 'lfw' for a folder."""
+    """'npz' for a .npz file, 'cifar10' for a folder holding torchvision's cifar-10-batches-py, 'lfw' for
+    another folder."""
     if not os.path.exists(path):
         raise UsageError(f"--data {path} does not exist")
-    return "lfw" if os.path.isdir(path) else "npz"
+    if os.path.isdir(path):
+        return "cifar10" if os.path.isdir(os.path.join(path, "cifar-10-batches-py")) else "lfw"
+    return "npz"
+
+
+def setup_kind(setup_name, paths):
+    """The kind of data a setup reads: its own, or for the CIFAR-10 setups ("npz") a
+    torchvision CIFAR-10 folder when that is what --data gave."""
+    kind = SETUPS[setup_name].data
+    return "cifar10" if kind == "npz" and "npz" not in paths and "cifar10" in paths else kind
 
 
 def parse_data(values):
@@ -163,14 +176,14 @@ def parse_data(values):
 def check_data(setup_names, paths):
     """Fail with one line for the first setup whose kind of data was not given."""
     for name in setup_names:
-        kind = SETUPS[name].data
+        kind = setup_kind(name, paths)
         if kind not in paths:
             raise UsageError(f"{name} needs --data PATH to {DATA_KINDS[kind][1]}")
 
 
 def train_args(setup_name, config, seed, paths, device, overrides):
     """train.py's arguments shared by a run and its throughput probe."""
-    kind = SETUPS[setup_name].data
+    kind = setup_kind(setup_name, paths)
     return [*config.args, *DATA_KINDS[kind][0], paths[kind], "--seed", str(seed), "--device", device,
             *overrides.get("all", []), *overrides.get(kind, [])]
 
@@ -612,7 +625,8 @@ def get_args_parser():
     p.add_argument("setups", nargs="*", metavar="SETUP",
                    help=f"{', '.join(SETUPS)} or all (default with --smoke: all)")
     p.add_argument("--data", action="append", metavar="PATH",
-                   help="CIFAR-10 .npz or LFW folder (repeat for both; npz=PATH / lfw=PATH to be explicit)")
+                   help="CIFAR-10 (.npz, or torchvision's folder) or LFW folder (repeat for both; npz=PATH / "
+                        "cifar10=PATH / lfw=PATH to be explicit)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--smoke: 0)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (sharing the device)")
     p.add_argument("--out", help="default runs/reproduce (--smoke: runs/reproduce-smoke)")

@@ -462,6 +462,9 @@ def test_recipe_defaults_and_explicit_override():
     assert (center.recipe, center.lr, center.lam) == ("lfw-joint", 0.01, 0.003)
     named = train.parse_args(["--recipe", "lfw-joint", "--loss", "center", "--data-path", "x"])
     assert (named.lr, named.lam) == (0.01, 0.003) and train.parse_args(["--recipe", "lfw-joint"]).lam == 1.0
+    # the center term's reduction: Tong's Eq. 7 sums (joint); Wen's lambda 0.003 weighs like-reduced terms (center)
+    assert (center.ctc_reduction, named.ctc_reduction, args.ctc_reduction) == ("mean", "mean", "sum")
+    assert train.parse_args(["--loss", "center", "--ctc-reduction", "sum"]).ctc_reduction == "sum"
     args.output_dir = "runs/x"
     line = train.config_line(args)
     assert line.startswith("config: recipe lfw-joint (matched") and "--lr 0.01" in line and "\n" not in line
@@ -518,6 +521,38 @@ def test_epoch_milestones_scale_by_iterations_per_epoch():
         optimizer.step()
         scheduler.step()
     assert lrs[19] == 1.0 and math.isclose(lrs[20], 0.1) and math.isclose(lrs[30], 0.01)
+
+
+def test_a_recipe_flag_in_a_group_the_run_turned_off_goes_back_to_its_default():
+    """--warmup-iters switches the epoch warm-up off: the recipe's --warmup-epochs 5 must not
+    run as well (it did: lr 0.001 for 20 iterations, then LDAM's ramp)."""
+    args = train.parse_args(["--recipe", "ldam-ce-cifar10lt", "--warmup-iters", "20", "--warmup-lr", "0.001"])
+    assert (args.warmup_epochs, args.warmup_iters) == (0, 20)
+    optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
+    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=10)
+    lrs = []
+    for _ in range(25):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:20] == [0.001] * 20 and lrs[20:] == [0.1] * 5
+    assert train.parse_args(["--recipe", "ldam-ce-cifar10lt"]).warmup_epochs == 5   # untouched otherwise
+    psc = train.parse_args(["--recipe", "hybrid-psc-cifar10lt", "--loss", "ce"])    # the hybrid group is off
+    assert psc.tau == 0.1 and train.parse_args(["--recipe", "hybrid-psc-cifar10lt"]).tau == 1.0
+
+
+def test_the_run_line_names_milestones_after_the_end():
+    sets = ([0] * 100, None, [0] * 10)
+    line = lambda milestones, unit: utils.run_summary("m", 1e6, sets, 10, (10, 1000, 100), "cpu", 1, "tensor",
+                                                      milestones, unit)
+    assert "never applied" not in line([50, 99], "epoch") and "never applied" not in line([999], "iter")
+    assert "lr milestones [500, 750] (epochs) come after the end" in line([50, 500, 750], "epoch")
+    assert "[1000] (iters)" in line([1000], "iter")
+
+
+def test_help_shows_defaults_but_not_none():
+    text, other = (" ".join(m.get_args_parser().format_help().split()) for m in (train, evaluate))  # unwrapped
+    assert "SGD lr of the class centers (default: 0.5)" in text and "(default: None)" not in text + other
 
 
 def test_ldam_ce_recipe_matches_its_public_code():
@@ -2383,7 +2418,7 @@ def test_multistep_counts_updates_and_kd_variants():
         optimizer.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
         loss, parts, finite = _mksmt_step(model, optimizer, images, labels, args)
         assert finite and len(calls) == steps, (extra, len(calls))
-        assert set(parts) == {f"ce_s{s}" for s in heads} | {"kd"}
+        assert set(parts) == {f"ce_s{s}" for s in heads} | {"kd", "top1"}   # top1: the deepest head's
         assert (parts["kd"].item() == 0) == ("none" in extra)
 
 
@@ -2833,7 +2868,8 @@ def test_loss_benchmarks_run_and_agree():
 _DDP_RUNS = {"ce": [], "ce-class-balanced": ["--sampler", "class-balanced"], "ce-torch-loader": ["--loader", "torch"],
              "joint": ["--loss", "joint"], "joint-mean": ["--loss", "joint", "--ctc-reduction", "mean"],
              "center-wen": ["--loss", "center", "--lr", "0.002"],  # BN held fixed: large features, so a small lr
-             "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lr", "0.002", "--center-lr", "0.05"],
+             "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lr", "0.002", "--center-lr", "0.05",
+                                 "--ctc-reduction", "sum"],  # center-wen: the default mean
              "hybrid-sc": ["--loss", "hybrid-sc"], "hybrid-psc": ["--loss", "hybrid-psc", "--tau", "1"],
              "hybrid-mpsc": ["--loss", "hybrid-mpsc"],
              # two or three updates per batch without BN: at lr 0.05 rounding differences grow chaotically
@@ -3248,6 +3284,28 @@ def test_reproduce_commands_pass_only_flags_that_apply_and_smoke_only_appends():
     plain = next(r for r in full if r.config.name == "plain56-ds1")
     assert resolved[plain.dir].deep_sup == [1] and resolved[plain.dir].lr == 0.001
     assert resolved[plain.dir].milestones == [32000, 48000] and resolved[plain.dir].milestone_unit == "iter"
+
+
+def test_reproduce_takes_torchvisions_cifar10_folder():
+    with tmpdir() as d:
+        os.makedirs(os.path.join(d, "cifar-10-batches-py"))
+        lfw = os.path.join(d, "lfw")
+        os.makedirs(lfw)
+        paths = reproduce.parse_data([d, lfw])
+        assert paths == {"cifar10": d, "lfw": lfw}
+        reproduce.check_data(["seed001", "hybrid-lt", "deepsup", "lfw"], paths)
+        runs = reproduce.plan_runs(["seed001", "hybrid-lt", "lfw"], [0], paths, "OUT", "auto", {})
+        for run in runs:
+            argv = reproduce.run_argv(run)
+            dataset = argv[argv.index("--dataset") + 1]
+            assert (dataset, argv[argv.index("--data-path") + 1]) == (("lfw", lfw) if run.setup == "lfw" else ("cifar10", d))
+        resolved = reproduce.resolve_commands(runs)   # train.py accepts them
+        assert {a.dataset for a in resolved.values()} == {"cifar10", "lfw"}
+        both = reproduce.parse_data([d, f"npz={os.path.join(HERE, 'README.md')}"])   # an npz given wins
+        assert reproduce.setup_kind("seed001", both) == "npz"
+        with contextlib.suppress(reproduce.UsageError):
+            reproduce.check_data(["lfw"], reproduce.parse_data([d]))
+            raise AssertionError("lfw accepted a CIFAR-10 folder")
 
 
 def test_reproduce_rejected_command_is_one_usage_error():

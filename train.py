@@ -72,15 +72,11 @@ RECIPES["ldam-ce-cifar10lt"] = dict(model="resnet32", dataset="cifar10", loss="c
 # distillation with T = 1, lambda1 = lambda2 = 1. not in the paper (its Tables 2-3 are images):
 # 224 px (the window-7 22K release), batch 16, SGD lr 0.005 momentum 0.9, wd 5e-4, 50 epochs, x0.1 at 30, 40.
 _MKSMT = dict(model="swin_l", loss="mksmt", image_size=224, multistep=2, kd="decision", temperature=1.0,
-              lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50,
-              milestones=[30, 40])
+              lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50, milestones=[30, 40])
 # not in the paper: lambda1 = lambda2 = 1 is given for CUB only. The baseline: plain Swin-L, trained alike.
-RECIPES.update({
-    "mksmt-cub": dict(_MKSMT, dataset="cub"), "mksmt-nabirds": dict(_MKSMT, dataset="nabirds"),
-    "mksmt-dogs": dict(_MKSMT, dataset="dogs"),
-    "mksmt-cub-baseline": {k: v for k, v in dict(_MKSMT, dataset="cub", loss="ce").items()
-                           if k not in ("multistep", "kd", "temperature", "lambda1", "lambda2")},
-})
+RECIPES.update({f"mksmt-{name}": dict(_MKSMT, dataset=name) for name in ("cub", "nabirds", "dogs")})
+RECIPES["mksmt-cub-baseline"] = {k: v for k, v in dict(_MKSMT, dataset="cub", loss="ce").items()
+                                 if k not in ("multistep", "kd", "temperature", "lambda1", "lambda2")}
 HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 # The setup each recipe was published for: a run on its dataset with one of these losses gets the
 # recipe's hyper-parameters whatever its --model (the first match wins); --dataset and --loss stay
@@ -114,9 +110,8 @@ def build_criterion(args, num_classes, feat_dim):
     if args.loss == "hybrid-sc":
         return losses.HybridLoss(losses.SupConLoss(args.tau))
     if args.loss in ("hybrid-psc", "hybrid-mpsc"):
-        return losses.HybridLoss(losses.PSCLoss(
-            num_classes, args.projection_dim, args.tau, args.num_prototypes,
-            args.psc_include_positive, args.prototype_weights))
+        return losses.HybridLoss(losses.PSCLoss(num_classes, args.projection_dim, args.tau, args.num_prototypes,
+                                                args.psc_include_positive, args.prototype_weights))
     if args.loss == "joint":
         center = losses.ContrastiveCenterLoss(num_classes, feat_dim, args.delta, args.ctc_reduction)
     else:
@@ -212,18 +207,18 @@ def center_step(batch, model, criterion, optimizer, place, amp, scaler=None, aux
 def hybrid_step(batch, model, criterion, optimizer, place, amp, alpha, scaler=None, aux_weight=0.0):
     """The hybrid network (Wang et al. 2021): alpha * SC / PSC / MPSC on the projected
     views of an instance-sampled batch + (1 - alpha) * CE on a class-balanced batch.
-    batch: ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))).
+    batch: ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))); P: --projection-dim.
     not in the paper (it follows BBN's joint training, silent on passes): one forward pass per
     branch, as BBN's code, so each batch has its own BN statistics; both update the running ones."""
     (views, con_labels), (ce_images, ce_labels) = batch
     con_labels, ce_labels = place(con_labels), place(ce_labels)
     B = len(con_labels)
     with amp():
-        con_out = model(place(views.flatten(0, 1)))      # projection (2B, 128): the contrastive branch
+        con_out = model(place(views.flatten(0, 1)))      # projection (2B, P): the contrastive branch
         ce_out = model(place(ce_images))                 # logits (B', K): the classifier branch
-    projections = utils.to_float32(con_out, ("projection",))["projection"].view(B, 2, -1)   # (B, 2, 128): image b's views
+    projections = utils.to_float32(con_out, ("projection",))["projection"].view(B, 2, -1)   # (B, 2, P): image b's views
     # distributed: positives and negatives span every process's batch, as on the paper's one device
-    projections, con_labels = utils.gather(projections), utils.gather(con_labels)   # (N B, 2, 128), (N B,)
+    projections, con_labels = utils.gather(projections), utils.gather(con_labels)   # (N B, 2, P), (N B,)
     ce_out32 = utils.to_float32(ce_out)
     loss, parts = criterion(projections, con_labels, ce_out32["logits"], ce_labels, alpha)   # digest's Eq. (1)
     loss, parts = add_deep_supervision(loss, parts, ce_out32, ce_labels, aux_weight)  # heads on the CE batch
@@ -284,7 +279,8 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
         loss = lambda2 * kd_term
     else:
         loss = lambda1 * ce_last + lambda2 * kd_term                              # Eq. (7)
-    return loss, parts, applied & utils.backward_and_step(optimizer, loss, scaler)
+    applied = applied & utils.backward_and_step(optimizer, loss, scaler)
+    return loss, {**parts, "top1": top1(out["logits"], labels)}, applied   # top1: the deepest head, full pass
 
 
 STEPS = {"ce": ce_step, "center": center_step, "joint": center_step, "hybrid-sc": hybrid_step,
@@ -426,7 +422,8 @@ def build(args, rank, world_size, device):
     epochs = math.ceil(total_iters / iters_per_epoch)
     summary = utils.run_summary(args.model, models.count_parameters(model), (train_set, val_set, test_set), num_classes,
                                 (iters_per_epoch, total_iters, epochs), device, world_size,
-                                "tensor" if data.use_tensor_loader(train_set, args.loader) else "torch")
+                                "tensor" if data.use_tensor_loader(train_set, args.loader) else "torch",
+                                args.milestones, args.milestone_unit)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     facts = dict(num_classes=num_classes, classes=[str(c) for c in test_set.classes], train_counts=train_counts)
     return dict(model=model, train_model=train_model, eval_model=eval_model, criterion=criterion,
@@ -500,12 +497,11 @@ def train(args, rank, world_size, device):
 
 # ==== The command line: one argument group per method ===============================
 def get_args_parser(add_help=True):
-    p = utils.OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
-                                 formatter_class=utils.argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help)
     group = functools.partial(utils.conditional_group, p)
     p.add_argument("--recipe", choices=sorted(RECIPES) + ["none"],
-                   help="fill in a paper's hyper-parameters (default: the recipe whose setup matches "
-                        "--dataset and --loss, if any; none: no recipe)")
+                   help="a paper's hyper-parameters, over the defaults shown here (default: the recipe whose setup "
+                        "matches --dataset and --loss, if any: seed001-cifar10 for a bare run; none: no recipe)")
     p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES, "mksmt"],
                    help="joint = CE + lambda * contrastive-center (Tong, Eq. 8); center = CE + lambda * center "
                         "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
@@ -544,19 +540,20 @@ def get_args_parser(add_help=True):
     utils.add_data_arguments(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=utils.COUNT, default=0, help="total iterations; overrides --epochs")
-    g.add_argument("--batch-size", type=utils.AT_LEAST_1, default=128)
+    g.add_argument("--batch-size", type=utils.AT_LEAST_1, default=128, help="per process")
     g.add_argument("--eval-batch-size", type=utils.COUNT, default=0, help="default: --batch-size")
     g.add_argument("--lr", type=utils.POSITIVE, default=0.1)
     g.add_argument("--momentum", type=utils.BELOW_ONE, default=0.9)
     g.add_argument("--wd", type=utils.NON_NEGATIVE, default=1e-4, help="weight decay of the network")
-    g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150], help="lr x --gamma at these")
+    g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150],
+                   help="lr x --gamma at these epochs (iterations with --milestone-unit iter)")
     g.add_argument("--warmup-iters", type=utils.COUNT, default=0)
     group("epoch warm-up", ("--warmup-iters 0", lambda a: a.warmup_iters == 0)).add_argument(
         "--warmup-epochs", type=utils.COUNT, default=0, metavar="N", help="lr x (e + 1) / N in epoch e < N (LDAM-DRW's)")
     group("epochs", ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0)).add_argument(
         "--epochs", type=utils.AT_LEAST_1, default=200)
     g = group("milestones", ("--milestones", lambda a: bool(a.milestones)))
-    g.add_argument("--milestone-unit", default="epoch", choices=["epoch", "iter"])
+    g.add_argument("--milestone-unit", default="epoch", choices=["epoch", "iter"], help="what --milestones count")
     g.add_argument("--gamma", type=utils.GAMMA, default=0.1)
     group("warm-up", ("--warmup-iters N > 0", lambda a: a.warmup_iters > 0)).add_argument(
         "--warmup-lr", type=utils.POSITIVE, default=0.01)
@@ -571,8 +568,9 @@ def add_method_arguments(p):
     g = group("joint supervision", ("--loss joint or center", lambda a: a.loss in ("joint", "center")))
     g.add_argument("--lambda", dest="lam", type=utils.NON_NEGATIVE,
                    help="weight of the center term: default 1 for joint (Tong, Eq. 8), 0.003 for center "
-                        "(Wen et al.'s face setting)")
-    g.add_argument("--ctc-reduction", default="sum", choices=["sum", "mean"], help="over the batch (paper: sum)")
+                        "(Wen et al.'s, both terms means)")
+    g.add_argument("--ctc-reduction", choices=["sum", "mean"], help="the center term over the batch (either loss): "
+                   "joint sum (Tong, Eq. 7); center mean, as CE, so lambda weighs like-reduced terms as Wen's does")
     g.add_argument("--center-lr", type=utils.POSITIVE, default=0.5, help="SGD lr of the class centers")
     g.add_argument("--center-momentum", type=utils.BELOW_ONE, default=0.0, help="(the papers: plain SGD)")
     g.add_argument("--center-lr-schedule", action="store_true", help="warm-up and milestones for the centers too")
@@ -598,7 +596,7 @@ def add_method_arguments(p):
     g.add_argument("--prototype-weights", default="uniform", choices=["uniform", "softmax"],
                    help="MPSC weights w_{i,m}: 1/M, or a softmax over the own class's prototypes")
     g = group("MKSMT", ("--loss mksmt", lambda a: a.loss == "mksmt"))
-    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]", help="stages with an OPM head (last two)")
+    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]", help="stages with an OPM head (last two; three with --multistep 3)")
     g.add_argument("--head-width", type=utils.AT_LEAST_1, help="OPM width m = f (default per backbone: models.py)")
     g.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3], help="steps per batch (Algorithm 2)")
     g.add_argument("--kd", default="decision", choices=["none", "decision", "feature"],
@@ -621,6 +619,7 @@ def resolve_defaults(args):
     """Defaults that depend on other flags, resolved once and recorded in config.json."""
     if args.lam is None:
         args.lam = 0.003 if args.loss == "center" else 1.0
+    args.ctc_reduction = args.ctc_reduction or ("mean" if args.loss == "center" else "sum")  # see its help
     if args.num_prototypes is None:
         args.num_prototypes = 4 if args.loss == "hybrid-mpsc" else 1
     if args.image_size is None:  # the model's stem and the data's transforms both follow it
@@ -642,7 +641,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    recipe, matched = args.recipe, False
+    recipe, matched, values = args.recipe, False, {}
     if recipe is None:  # the first recipe whose setup holds the run's dataset and loss
         recipe, matched = next((name for name, setup in RECIPE_SETUPS.items()
                                 if all(getattr(args, k) in values for k, values in setup.items())), None), True
@@ -659,6 +658,8 @@ def parse_args(argv=None):
     if problem:
         parser.error(problem + (f" (recipe {args.recipe} applies to this setup; --recipe none turns it off)"
                                 if args.recipe_matched else ""))
+    for dest in utils.switched_off(parser, args) & set(values):  # a recipe's flag in a group the run turned off
+        setattr(args, dest, get_args_parser().get_default(dest))  # (its warm-up after --warmup-iters): default
     if args.milestones != sorted(args.milestones):
         parser.error(f"--milestones must be numbers >= 0 in increasing order, got {args.milestones}")
     if args.loss == "hybrid-psc" and args.num_prototypes != 1:

@@ -6,7 +6,10 @@ bookkeeping between steps (progress lines, signals, the non-finite stop),
 checkpoints with every RNG state, data loaders, distributed setup, strict JSON.
 
 Nothing here is a training method: the methods, their recipes and the training
-loop are in train.py.
+loop are in train.py. Two things to know when copying it: the flag groups read
+argparse's private lists (``_actions``, ``_action_groups``, ``_group_actions``,
+``_defaults``), and the non-finite skip hands the fused SGD a ``found_inf`` tensor,
+the hook torch's GradScaler uses (``backward_and_step``).
 """
 import argparse
 import builtins
@@ -33,9 +36,20 @@ import data
 # ----------------------------------------------------------------------------------
 # Command line: one-line errors, value ranges, flag groups that apply to some runs only
 # ----------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, but not a None one (resolved later, or said in the help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (exit code 2), not the usage
-    block; argparse's "argument --lr: must be > 0" reads "--lr must be > 0"."""
+    block; argparse's "argument --lr: must be > 0" reads "--lr must be > 0". --help
+    shows the defaults (``HelpFormatter``)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         flags, sep, rest = message.partition(": must be ")
@@ -173,13 +187,17 @@ def explicit_dests(parser, argv):
             action.default = saved[action.dest]
 
 
+def switched_off(parser, args):
+    """The dests of the conditional flags whose group does not apply to ``args``."""
+    return {dest for dest, (_, applies) in flag_conditions(parser).items() if not applies(args)}
+
+
 def check_groups(parser, args, argv):
     """The first flag typed in ``argv`` whose group does not apply to ``args``, as
     one line, or None."""
-    explicit, names = explicit_dests(parser, argv), option_names(parser)
-    for dest, (words, applies) in flag_conditions(parser).items():
-        if dest in explicit and not applies(args):
-            return f"{names[dest]} applies only with {words}; drop it or change the run"
+    explicit, names, conditions = explicit_dests(parser, argv), option_names(parser), flag_conditions(parser)
+    for dest in sorted(switched_off(parser, args) & explicit, key=list(conditions).index):
+        return f"{names[dest]} applies only with {conditions[dest][0]}; drop it or change the run"
     return None
 
 
@@ -792,14 +810,18 @@ def environment(device, world_size):
             "processes": world_size, "threads": torch.get_num_threads()}
 
 
-def run_summary(model_name, num_parameters, sets, num_classes, schedule, device, world_size, loader):
-    """The line a run prints before training: model, data sizes, schedule, device, loader."""
+def run_summary(model_name, num_parameters, sets, num_classes, schedule, device, world_size, loader,
+                milestones=(), milestone_unit="iter"):
+    """The line a run prints before training: model, data sizes, schedule, device, loader,
+    and the lr milestones that fall after the last iteration (a silent no-op otherwise)."""
     (train_set, val_set, test_set), (iters_per_epoch, total_iters, epochs) = sets, schedule
+    late = [m for m in milestones if m * (1 if milestone_unit == "iter" else iters_per_epoch) >= total_iters]
     return (f"{model_name}: {num_parameters / 1e6:.3f}M parameters; {len(train_set)} train / "
             + (f"{len(val_set)} validation / " if val_set is not None else "")
             + f"{len(test_set)} test images, {num_classes} classes; {iters_per_epoch} iterations per epoch, "
             f"{total_iters} in all ({epochs} epochs) on {device}"
-            + (f" x {world_size} processes" if world_size > 1 else "") + f"; loader {loader}")
+            + (f" x {world_size} processes" if world_size > 1 else "") + f"; loader {loader}"
+            + (f"; lr milestones {late} ({milestone_unit}s) come after the end: never applied" if late else ""))
 
 
 def prepare_output_dir(args, resumed_at=None, resumed_from=None, environment=None):
@@ -965,9 +987,9 @@ def gather(tensor):
 
 
 def broadcast_buffers(model):
-    """Rank 0's buffers (BatchNorm running statistics) to every process. DDP sends them
-    at the start of each training forward, so after the last step each process holds
-    its own; the evaluation then matches the checkpoint, which holds rank 0's."""
+    """Rank 0's buffers (BatchNorm running statistics) to every process. DDP does not
+    send them here (``broadcast_buffers=False``, see ``prepare_model``), so each process
+    holds its own; the evaluation then matches the checkpoint, which holds rank 0's."""
     if world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)

@@ -14,7 +14,8 @@
 # batch 64, lr 0.01 (the paper's), /10 after epoch 15 (not in the paper: a pilot at
 # constant lr swung by up to 12.9 points of test top-1 between consecutive late evaluations, see
 # results/lfw-joint-supervision/pilot-constant-lr), momentum 0.9, wd 5e-4, centers by plain SGD at
-# lr 0.5, RandomResizedCrop + flip / resize + center crop. One torch thread per run
+# lr 0.5, the center term summed over the batch (both losses; --ctc-reduction sum, the default for center until
+# it became mean), RandomResizedCrop + flip / resize + center crop. One torch thread per run
 # (OMP_NUM_THREADS=1), two runs side by side on 2 cores. Data: LFW top-20 (1906 images;
 # README.md, section Data), 8:2 split per identity (--split-seed 0).
 set -u
@@ -35,7 +36,7 @@ echo "commit $(git rev-parse HEAD)"
 if [ "$stage" = sweep ]; then
   for lam in "$@"; do
     out=results/lfw-joint-supervision/sweep-$loss-lam$lam
-    python train.py "${common[@]}" --loss "$loss" --lambda "$lam" --center-lr 0.5 --val-split 0.2 --seed 0 \
+    python train.py "${common[@]}" --loss "$loss" --lambda "$lam" --center-lr 0.5 --ctc-reduction sum --val-split 0.2 --seed 0 \
       --output-dir "$out" > "$out.log" 2>&1
     echo "$out: $(tail -n 1 "$out.log")"
   done
@@ -43,7 +44,7 @@ else
   lam=$1; shift
   for seed in "$@"; do
     out=results/lfw-joint-supervision/final-$loss-seed$seed
-    extra=(); [ "$loss" != ce ] && extra=(--lambda "$lam" --center-lr 0.5)
+    extra=(); [ "$loss" != ce ] && extra=(--lambda "$lam" --center-lr 0.5 --ctc-reduction sum)
     python train.py "${common[@]}" --loss "$loss" "${extra[@]}" --seed "$seed" \
       --output-dir "$out" > "$out.log" 2>&1
     echo "$out: $(tail -n 1 "$out.log")"

@@ -20,14 +20,16 @@ import numpy as np
 
 COMMON = ["--dataset", "npz", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--print-freq", "1",
           "--seed", "0", "--recipe", "none", "--model", "resnet20", "--milestones", "1", "--lr", "0.05"]
+# center-*: "--ctc-reduction sum", the default for --loss center until it became mean (Wen's lambda
+# weighs like-reduced terms): the flag keeps these runs comparable with the older records
 RUNS = {
     "ce": [],
     "ce-class-balanced": ["--sampler", "class-balanced"],
     "ce-torch-loader": ["--loader", "torch"],
     "ce-bf16-channels-last": ["--amp", "bf16", "--channels-last"],
     "ce-val-split": ["--val-split", "0.25", "--warmup-iters", "3", "--warmup-lr", "0.01"],
-    "center-wen": ["--loss", "center"],
-    "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lambda", "0.01"],
+    "center-wen": ["--loss", "center", "--ctc-reduction", "sum"],
+    "center-autograd": ["--loss", "center", "--center-update", "autograd", "--lambda", "0.01", "--ctc-reduction", "sum"],
     "joint": ["--loss", "joint"],
     "joint-mean-scheduled": ["--loss", "joint", "--ctc-reduction", "mean", "--center-lr-schedule",
                              "--center-momentum", "0.5"],
