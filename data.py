@@ -110,25 +110,28 @@ def cub_transforms(image_size=224, normalize="imagenet"):
     return train, test
 
 
-def hybrid_transforms(normalize="cifar", image_size=32, small=True, stored_size=(32, 32)):
-    """The hybrid network's training views (Wang et al. 2021 digest, Implementation details):
-    random crop (32 with 4 px padding on CIFAR; not in the paper: a
-    RandomResizedCrop at larger sizes, e.g. iNaturalist's 224), horizontal flip
-    and grayscale with p = 0.2, shared by both branches; the contrastive branch
-    gets two views, one with colour jitter and one without. Small images stored at
-    another (H, W) (``stored_size``) are first resized to ``image_size``, as in
-    ``cifar_transforms``.
+SUPCON_CROP_SCALE = (0.2, 1.0)  # SupContrast's CIFAR RandomResizedCrop (main_supcon.py)
 
-    not in the paper: the jitter itself, SupContrast's RandomApply(ColorJitter(
+
+def hybrid_transforms(normalize="cifar", image_size=32, small=True, stored_size=(32, 32), crop="pad"):
+    """The hybrid network's training views (Wang et al. 2021 digest, Implementation details):
+    a "32x32 random crop", horizontal flip and grayscale with p = 0.2, shared by both
+    branches; the contrastive branch gets two views, one with colour jitter and one
+    without. Small images stored at another (H, W) (``stored_size``) are first resized
+    to ``image_size``, as in ``cifar_transforms``.
+
+    not in the paper: which crop. ``crop="pad"``: 4 px padding + random crop, as
+    CIFAR classifiers train; ``"resized"``: SupContrast's CIFAR views,
+    RandomResizedCrop(32, scale=(0.2, 1)); larger images (iNaturalist's 224) always
+    get a RandomResizedCrop. The jitter is SupContrast's RandomApply(ColorJitter(
     0.4, 0.4, 0.4, 0.1), p=0.8).
     Returns (ce_transform: PIL -> (3, H, W), two_view_transform: PIL -> (2, 3, H, W)).
     """
     norm = T.Normalize(*NORMALIZATIONS[normalize])
-    if small:
-        crop = resize_from(stored_size, image_size)
-        crop += [T.RandomCrop(image_size, padding=4)]
+    if small and crop == "pad":
+        crop = resize_from(stored_size, image_size) + [T.RandomCrop(image_size, padding=4)]
     else:
-        crop = [T.RandomResizedCrop(image_size)]
+        crop = [T.RandomResizedCrop(image_size, **({"scale": SUPCON_CROP_SCALE} if small else {}))]
     shared = crop + [T.RandomHorizontalFlip(), T.RandomGrayscale(p=0.2)]
     jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)]
     plain = T.Compose(shared + [T.ToTensor(), norm])
@@ -1355,7 +1358,7 @@ def use_tensor_loader(train_set, loader="auto"):
 
 def make_train_loader(train_set, batch_size, device, seed, loader="auto", sampler="instance", workers=2,
                       normalize="cifar", two_streams=False, positives=0, image_size=32, small=True,
-                      rank=0, world_size=1):
+                      rank=0, world_size=1, hybrid_crop="pad"):
     """Shuffled with ``ResumableSampler`` and augmented per sample from its own seed
     (``PerSampleSeed``), so a resumed run sees the same batches. With the tensor
     loader (``TensorLoader``, see ``use_tensor_loader``) the whole uint8 set sits on
@@ -1371,7 +1374,8 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
     (``hybrid_transforms``), and the CE branch's class-balanced batch
     (``ClassBalancedSampler``) of single views. Both streams have
     len(train_set) // batch_size batches per epoch. ``small``: 32-px images (CIFAR's
-    crop). Returns (loader, sampler), the sampler to ``set_epoch``."""
+    crop); ``hybrid_crop``: their crop in both streams (``hybrid_transforms``).
+    Returns (loader, sampler), the sampler to ``set_epoch``."""
     if batch_size * world_size > len(train_set):
         per = f" x {world_size} processes" if world_size > 1 else ""
         raise DataError(f"--batch-size {batch_size}{per} is larger than the training set "
@@ -1386,7 +1390,7 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
         def tensor_loader(order, **augment):
             return TensorLoader(train_set, batch_size, device, *NORMALIZATIONS[normalize], order, seed,
                                 num_replicas=world_size, rank=rank, tensors=shared,
-                                **tensor_augmentation(train_set), **augment)
+                                **{**tensor_augmentation(train_set), **augment})
 
     def torch_loader(dataset, order):
         return torch.utils.data.DataLoader(
@@ -1402,9 +1406,11 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
         except ValueError as e:
             raise DataError(f"--positives {positives}: {e}") from None
     if tensor:
-        streams = [tensor_loader(order, views=2, contrastive=True), tensor_loader(balanced, grayscale=0.2)]
+        crop = {"resized": (image_size, SUPCON_CROP_SCALE, (3 / 4, 4 / 3))} if small and hybrid_crop == "resized" else {}
+        streams = [tensor_loader(order, views=2, contrastive=True, **crop), tensor_loader(balanced, grayscale=0.2, **crop)]
         return ZippedLoaders(streams), ZippedSamplers([order, balanced])
-    ce_transform, two_views = hybrid_transforms(normalize, image_size, small, stored_size(train_set) or (32, 32))
+    ce_transform, two_views = hybrid_transforms(normalize, image_size, small, stored_size(train_set) or (32, 32),
+                                                hybrid_crop)
     streams = [torch_loader(with_transform(train_set, two_views), order),
                torch_loader(with_transform(train_set, ce_transform), balanced)]
     return ZippedLoaders(streams), ZippedSamplers([order, balanced])

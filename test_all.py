@@ -2420,6 +2420,8 @@ def test_multistep_counts_updates_and_kd_variants():
         assert finite and len(calls) == steps, (extra, len(calls))
         assert set(parts) == {f"ce_s{s}" for s in heads} | {"kd", "top1"}   # top1: the deepest head's
         assert (parts["kd"].item() == 0) == ("none" in extra)
+        logged = sum(parts[f"ce_s{s}"] for s in (heads if "1" in extra else heads[-1:])) + parts["kd"]
+        assert math.isclose(loss.item(), logged.item(), rel_tol=1e-6), extra   # L_total (async: both updates)
 
 
 def _write_cifar10_batches(root, arrays):
@@ -2802,6 +2804,26 @@ def test_tensor_loader_views_differ_and_colour_only_on_view_one():
         assert abs(gray.float().mean().item() - 0.2) < 0.06, (view, gray.float().mean())
         rate = off_grid[~gray].float().mean().item()             # jittered, among the non-gray images
         assert abs(rate - jitter_rate) < 0.08, (view, rate)
+
+
+def test_hybrid_crop_pads_or_resizes_in_both_streams_and_both_loaders():
+    """--hybrid-crop: pad (4 px of zeros, then a random 32-px crop) or SupContrast's
+    RandomResizedCrop(32, scale 0.2-1), in the contrastive views and the CE batch, with the
+    tensor loader and with the DataLoader. On all-white images only padding brings black."""
+    n = 64
+    ds = data.ArrayDataset(np.full((n, 32, 32, 3), 255, dtype=np.uint8), [i % 4 for i in range(n)], list("abcd"))
+    for loader in ("tensor", "torch"):
+        for crop in ("pad", "resized"):
+            batches, _ = data.make_train_loader(ds, n, torch.device("cpu"), 0, loader=loader, workers=0,
+                                                two_streams=True, hybrid_crop=crop, normalize="seed001")
+            (views, _), (ce, _) = next(iter(batches))          # (n, 2, 3, 32, 32), (n, 3, 32, 32) in [-1, 1]
+            plain_view_black, ce_black = (views[:, 1] < -0.99).any().item(), (ce < -0.99).any().item()
+            assert plain_view_black == ce_black == (crop == "pad"), (loader, crop)
+    ce_t, two = data.hybrid_transforms("cifar", 32, True, (32, 32), "resized")
+    for pipeline in (ce_t, two.first, two.second):
+        crop = next(t for t in pipeline.transforms if isinstance(t, (T.RandomCrop, T.RandomResizedCrop)))
+        assert isinstance(crop, T.RandomResizedCrop) and tuple(crop.scale) == (0.2, 1.0)
+    assert train.parse_args(["--recipe", "hybrid-sc-cifar10lt"]).hybrid_crop == "pad"   # the runs so far
 
 
 def test_tensor_loader_on_subsets_and_cifar():

@@ -245,12 +245,12 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
     With heads on stages h_1 < ... < h_n (default S3, S4):
       multistep 2 or 3 (n steps): for each shallower head h_i in turn, run the
         network only up to h_i, take CE(h_i) and one optimizer step, which moves
-        S1..h_i and that head only (Eq. 3). Then run the whole network and step on
+        S1..h_i and that head only (Eq. 3). Then run the whole network, step on and log
             L_total = lambda1 * CE(h_n) + lambda2 * sum_i KD(h_n -> h_i)      (Eq. 5-7)
       multistep 1: one step on sum_i CE(h_i) + lambda1 * CE(h_n) + lambda2 * KD.
       kd "none" drops the KD term (the "multi-step without KD" ablation).
       kd_exec "async" (our reading of "asynchronous"): the last step is split in two
-        updates, lambda1 * CE(h_n), then a new forward pass and lambda2 * KD.
+        updates, lambda1 * CE(h_n), then a new forward pass and lambda2 * KD (logged: the sum).
     kd_settings: temperature, detach_teacher, t2_scale. batch: images (B, 3, H, W), labels (B,)."""
     images, labels = place(batch[0]), place(batch[1])
     parts, applied = {}, torch.ones((), dtype=torch.bool, device=images.device)
@@ -280,7 +280,8 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
     else:
         loss = lambda1 * ce_last + lambda2 * kd_term                              # Eq. (7)
     applied = applied & utils.backward_and_step(optimizer, loss, scaler)
-    return loss, {**parts, "top1": top1(out["logits"], labels)}, applied   # top1: the deepest head, full pass
+    logged = loss + lambda1 * parts[f"ce_s{heads[-1]}"] if split_kd else loss   # L_total either way
+    return logged, {**parts, "top1": top1(out["logits"], labels)}, applied   # top1: the deepest head, full pass
 
 
 STEPS = {"ce": ce_step, "center": center_step, "joint": center_step, "hybrid-sc": hybrid_step,

@@ -121,6 +121,11 @@ def add_data_arguments(parser):
     g = group("long-tailed data", ("--dataset cifar10, cifar100 or npz", lambda a: a.dataset in SMALL_DATASETS))
     g.add_argument("--imbalance-ratio", type=ranged(float, ">= 1", lambda v: v >= 1), metavar="BETA",
                    help="make the training set long-tailed: n_max/n_min = BETA")
+    group("hybrid views", ("a hybrid --loss on CIFAR / npz", lambda a: a.dataset in SMALL_DATASETS
+                                 and getattr(a, "loss", "").startswith("hybrid-"))).add_argument(
+        "--hybrid-crop", default="pad", choices=["pad", "resized"],
+        help="the 32-px crop of both streams (the digest: '32x32 random crop'): 4-px padding + random crop, "
+             "or SupContrast's CIFAR RandomResizedCrop(32, scale 0.2-1)")
     group("LFW", ("--dataset lfw", lambda a: a.dataset == "lfw")).add_argument(
         "--lfw-top-k", type=AT_LEAST_2, default=20, help="keep the k identities with most images")
     group("CUB", ("--dataset cub", lambda a: a.dataset == "cub")).add_argument(
@@ -911,7 +916,8 @@ def train_loader_from_args(args, train_set, device, two_streams=False, rank=0, w
     return data.make_train_loader(
         train_set, args.batch_size, device, args.seed, loader=args.loader, sampler=args.sampler, workers=args.workers,
         normalize=args.normalize, two_streams=two_streams, positives=args.positives, image_size=args.image_size,
-        small=args.dataset in data.SMALL_DATASETS, rank=rank, world_size=world_size)
+        small=args.dataset in data.SMALL_DATASETS, rank=rank, world_size=world_size,
+        hybrid_crop=getattr(args, "hybrid_crop", "pad"))  # older checkpoints' configs: before the flag
 
 
 def split_off_validation(args, train_set, test_set):
