@@ -511,15 +511,20 @@ def test_seed001_schedule_and_constant_center_lr():
         assert seen[it][1] == 0.5
 
 
-def test_epoch_milestones_scale_by_iterations_per_epoch():
-    args = train.parse_args(["--recipe", "none", "--milestones", "2", "3", "--lr", "1.0"])
+def _network_lrs(args, iters_per_epoch, iterations):
+    """The network's lr at each of the first ``iterations`` steps of train.py's schedule."""
     optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
-    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=10)
+    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=iters_per_epoch)
     lrs = []
-    for _ in range(35):
+    for _ in range(iterations):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_epoch_milestones_scale_by_iterations_per_epoch():
+    lrs = _network_lrs(train.parse_args(["--recipe", "none", "--milestones", "2", "3", "--lr", "1.0"]), 10, 35)
     assert lrs[19] == 1.0 and math.isclose(lrs[20], 0.1) and math.isclose(lrs[30], 0.01)
 
 
@@ -528,13 +533,7 @@ def test_a_recipe_flag_in_a_group_the_run_turned_off_goes_back_to_its_default():
     run as well (it did: lr 0.001 for 20 iterations, then LDAM's ramp)."""
     args = train.parse_args(["--recipe", "ldam-ce-cifar10lt", "--warmup-iters", "20", "--warmup-lr", "0.001"])
     assert (args.warmup_epochs, args.warmup_iters) == (0, 20)
-    optimizer = train.build_optimizer(args, torch.nn.Linear(1, 1), None)
-    scheduler = train.build_scheduler(args, optimizer, iters_per_epoch=10)
-    lrs = []
-    for _ in range(25):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = _network_lrs(args, 10, 25)
     assert lrs[:20] == [0.001] * 20 and lrs[20:] == [0.1] * 5
     assert train.parse_args(["--recipe", "ldam-ce-cifar10lt"]).warmup_epochs == 5   # untouched otherwise
     psc = train.parse_args(["--recipe", "hybrid-psc-cifar10lt", "--loss", "ce"])    # the hybrid group is off
