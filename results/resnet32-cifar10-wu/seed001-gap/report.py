@@ -2,11 +2,12 @@
 train CE of the last epoch, mean img/s of the log's progress windows; then mean +- sample std
 over seeds per variant, and the paired differences (same seed, so same initialisation and batch
 order) of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
-shifted-bf16 (the second), with their mean +- std and standard error. Run folders are named
-VARIANT-itN-seedS (N iterations) or VARIANT-epN-seedS (N epochs).
+shifted-bf16 (the second) and of X-resized against X-pad (the hybrids' crop), with their mean +- std
+and standard error. Run folders are named VARIANT-itN-seedS (N iterations) or VARIANT-epN-seedS (N epochs).
 
     python results/resnet32-cifar10-wu/seed001-gap/report.py > results/resnet32-cifar10-wu/seed001-gap/report.txt
     python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/gap   # LDAM CE's
+    python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/crop  # the hybrids' crop
 """
 import glob
 import json
@@ -39,13 +40,16 @@ def main(where=HERE):
         print(f"{name}: test top-1 {evals[-1]['test_top1']:.2f}{shots} at iteration {evals[-1]['iteration']} "
               f"({'evaluations' if len(evals) <= 15 else 'last 10 evaluations'}: "
               f"{', '.join('%.2f' % m['test_top1'] for m in (evals if len(evals) <= 15 else evals[-10:]))}); "
-              f"train CE last epoch {metrics[-1]['train_ce']:.4f}; {statistics.mean(rates):.0f} img/s")
+              f"train CE last epoch {metrics[-1]['train_ce']:.4f}"
+              + (f", contrastive term {metrics[-1]['train_con']:.4f}" if "train_con" in metrics[-1] else "")
+              + f"; {statistics.mean(rates):.0f} img/s")
     for variant, by_seed in rows.items():
         values = list(by_seed.values())
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         print(f"{variant}: {len(values)} seed(s), last test top-1 {statistics.mean(values):.2f}{spread}")
     pairs = [(variant, "base-bf16-" + variant.rsplit("-", 1)[1]) for variant in rows]
     pairs += [(variant, variant.replace("shifted2-", "shifted-")) for variant in rows if variant.startswith("shifted2-")]
+    pairs += [(variant, variant.replace("-resized-", "-pad-")) for variant in rows if "-resized-" in variant]
     for variant, reference_name in pairs:
         by_seed, reference = rows[variant], rows.get(reference_name, {})
         seeds = sorted(set(by_seed) & set(reference))
