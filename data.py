@@ -127,6 +127,8 @@ def hybrid_transforms(normalize="cifar", image_size=32, small=True, stored_size=
     0.4, 0.4, 0.4, 0.1), p=0.8).
     Returns (ce_transform: PIL -> (3, H, W), two_view_transform: PIL -> (2, 3, H, W)).
     """
+    if crop not in ("pad", "resized"):
+        raise ValueError(f"crop must be 'pad' or 'resized', got {crop!r}")
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     if small and crop == "pad":
         crop = resize_from(stored_size, image_size) + [T.RandomCrop(image_size, padding=4)]
@@ -1376,6 +1378,8 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
     len(train_set) // batch_size batches per epoch. ``small``: 32-px images (CIFAR's
     crop); ``hybrid_crop``: their crop in both streams (``hybrid_transforms``).
     Returns (loader, sampler), the sampler to ``set_epoch``."""
+    if hybrid_crop not in ("pad", "resized"):
+        raise ValueError(f"hybrid_crop must be 'pad' or 'resized', got {hybrid_crop!r}")
     if batch_size * world_size > len(train_set):
         per = f" x {world_size} processes" if world_size > 1 else ""
         raise DataError(f"--batch-size {batch_size}{per} is larger than the training set "

@@ -69,7 +69,7 @@ _LT = ["--imbalance-ratio", "100", "--many-threshold", "100", "--few-threshold",
 # validation split of the CIFAR-10 subset (results/README.md, "Deep supervision on plain nets": at 0.1 / 0.03 / 0.01 /
 # 0.003 it ends at chance after 5 epochs; at 0.001 it trains, slowly); with Xavier init no
 # lr tried moved plain32-56 off chance. resnet56 at He et al.'s lr 0.1.
-_DEEPSUP_SCHEDULE = ["--iters", "64000", "--milestones", "32000", "48000", "--milestone-unit", "iter",
+_DEEPSUP_SCHEDULE = ["--recipe", "none", "--iters", "64000", "--milestones", "32000", "48000", "--milestone-unit", "iter",
                      "--batch-size", "128", "--momentum", "0.9", "--wd", "1e-4"]
 _PLAIN56 = ["--model", "plain56", "--plain-init", "kaiming", "--lr", "0.001", *_DEEPSUP_SCHEDULE]
 _RESNET56 = ["--model", "resnet56", "--lr", "0.1", *_DEEPSUP_SCHEDULE]
@@ -103,7 +103,8 @@ SETUPS = {
 
 # kind of --data: (train.py flags that take the path, what --data must point at)
 DATA_KINDS = {
-    "npz": (["--dataset", "npz", "--data-path"], "the decoded CIFAR-10 .npz or torchvision's CIFAR-10 folder"),
+    "npz": (["--dataset", "npz", "--data-path"],
+            "the decoded CIFAR-10 .npz, or torchvision's CIFAR-10 folder (cifar10=FOLDER)"),
     "cifar10": (["--dataset", "cifar10", "--data-path"], "torchvision's CIFAR-10 folder (cifar-10-batches-py inside)"),
     "lfw": (["--dataset", "lfw", "--data-path"], "the LFW folder <Name>/<Name>_NNNN.jpg (see README: Data)"),
 }

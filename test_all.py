@@ -1061,6 +1061,31 @@ def test_resume_after_sigkill_is_bit_identical():
             _rows_without_time(os.path.join(killed, "metrics.jsonl"))
 
 
+def test_resume_refuses_a_changed_center_reduction_or_crop():
+    """--ctc-reduction's default for --loss center became mean, --hybrid-crop is new: a run
+    resumed from a checkpoint trained otherwise stops with one line instead of switching."""
+    with tmpdir() as d:
+        npz, out = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8), os.path.join(d, "run")
+        r = subprocess.run(_train_cmd(npz, out, "--loss", "center", "--ctc-reduction", "sum", "--epochs", "1"),
+                           cwd=HERE, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(_train_cmd(npz, out, "--loss", "center", "--resume", "auto"),
+                           cwd=HERE, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+            "was trained with --ctc-reduction sum, this run has mean: pass --ctc-reduction sum to continue it"), r.stderr
+        r = subprocess.run(_train_cmd(npz, out, "--loss", "center", "--ctc-reduction", "sum", "--resume", "auto"),
+                           cwd=HERE, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        ckpt_path = os.path.join(out, "checkpoint.pth")
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        del ckpt["args"]["hybrid_crop"]                                # as a checkpoint from before the flag
+        torch.save(ckpt, ckpt_path)
+        args = argparse.Namespace(output_dir=out, resume="auto", ctc_reduction="sum", hybrid_crop="resized")
+        with contextlib.suppress(data.DataError):
+            utils.resume(args, None, None, None, None, None)
+            raise AssertionError("a checkpoint without --hybrid-crop (padded) resumed with resized")
+
+
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
     import signal
     with tmpdir() as d:
@@ -3315,13 +3340,15 @@ def test_reproduce_takes_torchvisions_cifar10_folder():
         paths = reproduce.parse_data([d, lfw])
         assert paths == {"cifar10": d, "lfw": lfw}
         reproduce.check_data(["seed001", "hybrid-lt", "deepsup", "lfw"], paths)
-        runs = reproduce.plan_runs(["seed001", "hybrid-lt", "lfw"], [0], paths, "OUT", "auto", {})
+        runs = reproduce.plan_runs(["seed001", "hybrid-lt", "lfw", "deepsup"], [0], paths, "OUT", "auto", {})
         for run in runs:
             argv = reproduce.run_argv(run)
             dataset = argv[argv.index("--dataset") + 1]
             assert (dataset, argv[argv.index("--data-path") + 1]) == (("lfw", lfw) if run.setup == "lfw" else ("cifar10", d))
         resolved = reproduce.resolve_commands(runs)   # train.py accepts them
         assert {a.dataset for a in resolved.values()} == {"cifar10", "lfw"}
+        deepsup = [resolved[r.dir] for r in runs if r.setup == "deepsup"]  # not Wu's recipe, which CIFAR-10 CE matches
+        assert deepsup and all((a.recipe, a.warmup_iters, a.normalize) == ("none", 0, "cifar") for a in deepsup)
         both = reproduce.parse_data([d, f"npz={os.path.join(HERE, 'README.md')}"])   # an npz given wins
         assert reproduce.setup_kind("seed001", both) == "npz"
         with contextlib.suppress(reproduce.UsageError):

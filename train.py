@@ -654,13 +654,13 @@ def parse_args(argv=None):
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     args.recipe, args.recipe_matched = recipe or "none", matched and recipe is not None
+    for dest in utils.switched_off(parser, args) & set(values):  # a recipe's flag in a group the run turned off
+        setattr(args, dest, get_args_parser().get_default(dest))  # (its warm-up after --warmup-iters): default
     resolve_defaults(args)
     problem = utils.check_groups(parser, args, argv)
     if problem:
         parser.error(problem + (f" (recipe {args.recipe} applies to this setup; --recipe none turns it off)"
                                 if args.recipe_matched else ""))
-    for dest in utils.switched_off(parser, args) & set(values):  # a recipe's flag in a group the run turned off
-        setattr(args, dest, get_args_parser().get_default(dest))  # (its warm-up after --warmup-iters): default
     if args.milestones != sorted(args.milestones):
         parser.error(f"--milestones must be numbers >= 0 in increasing order, got {args.milestones}")
     if args.loss == "hybrid-psc" and args.num_prototypes != 1:

@@ -705,6 +705,12 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     if path is None:
         return None, None
     ckpt = load_checkpoint(path)
+    # settings whose defaults changed and that no tensor records: a resumed run must not switch them silently
+    for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad")):  # before_flag: older checkpoints
+        saved, flag = ckpt["args"].get(dest, before_flag), "--" + dest.replace("_", "-")
+        if saved is not None and saved != getattr(args, dest, saved):
+            raise data.DataError(f"checkpoint {path} was trained with {flag} {saved}, this run has {getattr(args, dest)}: "
+                                 f"pass {flag} {saved} to continue it")
     try:
         load_state_checked(model, ckpt["model"], path, args.model)
     except data.DataError as e:  # a checkpoint from before --image-size / --head-width were resolved
