@@ -1410,8 +1410,10 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
         except ValueError as e:
             raise DataError(f"--positives {positives}: {e}") from None
     if tensor:
-        crop = {"resized": (image_size, SUPCON_CROP_SCALE, (3 / 4, 4 / 3))} if small and hybrid_crop == "resized" else {}
-        streams = [tensor_loader(order, views=2, contrastive=True, **crop), tensor_loader(balanced, grayscale=0.2, **crop)]
+        resized = small and hybrid_crop == "resized"
+        crop = {"resized": (image_size, SUPCON_CROP_SCALE, (3 / 4, 4 / 3))} if resized else {}  # T's default ratio
+        streams = [tensor_loader(order, views=2, contrastive=True, **crop),
+                   tensor_loader(balanced, grayscale=0.2, **crop)]
         return ZippedLoaders(streams), ZippedSamplers([order, balanced])
     ce_transform, two_views = hybrid_transforms(normalize, image_size, small, stored_size(train_set) or (32, 32),
                                                 hybrid_crop)

@@ -69,8 +69,8 @@ _LT = ["--imbalance-ratio", "100", "--many-threshold", "100", "--few-threshold",
 # validation split of the CIFAR-10 subset (results/README.md, "Deep supervision on plain nets": at 0.1 / 0.03 / 0.01 /
 # 0.003 it ends at chance after 5 epochs; at 0.001 it trains, slowly); with Xavier init no
 # lr tried moved plain32-56 off chance. resnet56 at He et al.'s lr 0.1.
-_DEEPSUP_SCHEDULE = ["--recipe", "none", "--iters", "64000", "--milestones", "32000", "48000", "--milestone-unit", "iter",
-                     "--batch-size", "128", "--momentum", "0.9", "--wd", "1e-4"]
+_DEEPSUP_SCHEDULE = ["--recipe", "none", "--iters", "64000", "--milestones", "32000", "48000",
+                     "--milestone-unit", "iter", "--batch-size", "128", "--momentum", "0.9", "--wd", "1e-4"]
 _PLAIN56 = ["--model", "plain56", "--plain-init", "kaiming", "--lr", "0.001", *_DEEPSUP_SCHEDULE]
 _RESNET56 = ["--model", "resnet56", "--lr", "0.1", *_DEEPSUP_SCHEDULE]
 _DEEP_SUP = ["--deep-sup", "1", "--aux-weight", "0.3", "--aux-decay", "linear"]

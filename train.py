@@ -569,7 +569,7 @@ def add_method_arguments(p):
     g = group("joint supervision", ("--loss joint or center", lambda a: a.loss in ("joint", "center")))
     g.add_argument("--lambda", dest="lam", type=utils.NON_NEGATIVE,
                    help="weight of the center term: default 1 for joint (Tong, Eq. 8), 0.003 for center "
-                        "(Wen et al.'s, both terms means)")
+                        "(Wen et al.'s; see --ctc-reduction)")
     g.add_argument("--ctc-reduction", choices=["sum", "mean"], help="the center term over the batch (either loss): "
                    "joint sum (Tong, Eq. 7); center mean, as CE, so lambda weighs like-reduced terms as Wen's does")
     g.add_argument("--center-lr", type=utils.POSITIVE, default=0.5, help="SGD lr of the class centers")
@@ -597,7 +597,7 @@ def add_method_arguments(p):
     g.add_argument("--prototype-weights", default="uniform", choices=["uniform", "softmax"],
                    help="MPSC weights w_{i,m}: 1/M, or a softmax over the own class's prototypes")
     g = group("MKSMT", ("--loss mksmt", lambda a: a.loss == "mksmt"))
-    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]", help="stages with an OPM head (last two; three with --multistep 3)")
+    g.add_argument("--heads", type=utils.stage_list, metavar="S[,S...]", help="OPM head stages (last 2; 3 for 3 steps)")
     g.add_argument("--head-width", type=utils.AT_LEAST_1, help="OPM width m = f (default per backbone: models.py)")
     g.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3], help="steps per batch (Algorithm 2)")
     g.add_argument("--kd", default="decision", choices=["none", "decision", "feature"],
