@@ -508,7 +508,7 @@ def get_args_parser(add_help=True):
                         "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
                         "mksmt = per-stage OPM heads, self-distillation, multi-step training")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES)
+    g.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES, help="backbone (models.py)")
     g.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
     g.add_argument("--weights", help="local state dict to initialise the backbone from")
     group("one-stream sampling", ("a --loss other than hybrid-* (their CE branch is always class-balanced)",
@@ -543,21 +543,21 @@ def get_args_parser(add_help=True):
     g.add_argument("--iters", type=utils.COUNT, default=0, help="total iterations; overrides --epochs")
     g.add_argument("--batch-size", type=utils.AT_LEAST_1, default=128, help="per process")
     g.add_argument("--eval-batch-size", type=utils.COUNT, default=0, help="default: --batch-size")
-    g.add_argument("--lr", type=utils.POSITIVE, default=0.1)
-    g.add_argument("--momentum", type=utils.BELOW_ONE, default=0.9)
+    g.add_argument("--lr", type=utils.POSITIVE, default=0.1, help="SGD learning rate of the network")
+    g.add_argument("--momentum", type=utils.BELOW_ONE, default=0.9, help="SGD momentum of the network")
     g.add_argument("--wd", type=utils.NON_NEGATIVE, default=1e-4, help="weight decay of the network")
     g.add_argument("--milestones", type=utils.STEP, nargs="*", default=[100, 150],
                    help="lr x --gamma at these epochs (iterations with --milestone-unit iter)")
-    g.add_argument("--warmup-iters", type=utils.COUNT, default=0)
+    g.add_argument("--warmup-iters", type=utils.COUNT, default=0, help="iterations at --warmup-lr, then --lr")
     group("epoch warm-up", ("--warmup-iters 0", lambda a: a.warmup_iters == 0)).add_argument(
         "--warmup-epochs", type=utils.COUNT, default=0, metavar="N", help="lr x (e + 1) / N in epoch e < N (LDAM-DRW's)")
     group("epochs", ("--iters 0 (--iters overrides --epochs)", lambda a: a.iters == 0)).add_argument(
-        "--epochs", type=utils.AT_LEAST_1, default=200)
+        "--epochs", type=utils.AT_LEAST_1, default=200, help="training length")
     g = group("milestones", ("--milestones", lambda a: bool(a.milestones)))
     g.add_argument("--milestone-unit", default="epoch", choices=["epoch", "iter"], help="what --milestones count")
-    g.add_argument("--gamma", type=utils.GAMMA, default=0.1)
+    g.add_argument("--gamma", type=utils.GAMMA, default=0.1, help="lr factor at each milestone")
     group("warm-up", ("--warmup-iters N > 0", lambda a: a.warmup_iters > 0)).add_argument(
-        "--warmup-lr", type=utils.POSITIVE, default=0.01)
+        "--warmup-lr", type=utils.POSITIVE, default=0.01, help="lr of the first --warmup-iters iterations")
     utils.add_run_arguments(p)
     return p
 

@@ -98,7 +98,7 @@ def add_data_arguments(parser):
     """The flags of data.py's datasets and loaders."""
     group = functools.partial(conditional_group, parser)
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="data.py's datasets (README: Data)")
     g.add_argument("--data-path", help="dataset root or .npz file (cifar default: ./data)")
     g.add_argument("--image-size", type=IMAGE_SIDE, help="input side (default: 32 for CIFAR/npz, else 224)")
     g.add_argument("--normalize", choices=sorted(data.NORMALIZATIONS),
@@ -143,7 +143,7 @@ def add_data_arguments(parser):
 def add_run_arguments(parser):
     """The flags of the machinery: device, precision, output, checkpoints, distribution."""
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--seed", type=SEED, default=0, help="seeds every RNG (init, data order, augmentation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast mixed precision for training and evaluation (fp16 with GradScaler, CUDA only)")
@@ -709,8 +709,8 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad")):  # before_flag: older checkpoints
         saved, flag = ckpt["args"].get(dest, before_flag), "--" + dest.replace("_", "-")
         if saved is not None and saved != getattr(args, dest, saved):
-            raise data.DataError(f"checkpoint {path} was trained with {flag} {saved}, this run has {getattr(args, dest)}: "
-                                 f"pass {flag} {saved} to continue it")
+            raise data.DataError(f"checkpoint {path} was trained with {flag} {saved}, this run has "
+                                 f"{getattr(args, dest)}: pass {flag} {saved} to continue it")
     try:
         load_state_checked(model, ckpt["model"], path, args.model)
     except data.DataError as e:  # a checkpoint from before --image-size / --head-width were resolved
