@@ -641,7 +641,7 @@ def parse_args(argv=None):
     stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = before = parser.parse_args(argv)  # before: without a recipe, so a switched-off flag's default
     recipe, matched, values = args.recipe, False, {}
     if recipe is None:  # the first recipe whose setup holds the run's dataset and loss
         recipe, matched = next((name for name, setup in RECIPE_SETUPS.items()
@@ -655,7 +655,7 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     args.recipe, args.recipe_matched = recipe or "none", matched and recipe is not None
     for dest in utils.switched_off(parser, args) & set(values):  # a recipe's flag in a group the run turned off
-        setattr(args, dest, get_args_parser().get_default(dest))  # (its warm-up after --warmup-iters): default
+        setattr(args, dest, getattr(before, dest))  # (its warm-up after --warmup-iters): back to the default
     resolve_defaults(args)
     problem = utils.check_groups(parser, args, argv)
     if problem:
