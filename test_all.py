@@ -2943,7 +2943,8 @@ def build_and_keep_initial(args, rank, world_size, device):  # one process: its 
     b = build(args, rank, world_size, device)                # the test's comparison (how far training moved them)
     if world_size == 1:
         os.makedirs(args.output_dir, exist_ok=True)
-        torch.save({part: b[part].state_dict() if b[part] is not None else {} for part in ("model", "criterion")},
+        torch.save({part: getattr(b, part).state_dict() if getattr(b, part) is not None else {}
+                    for part in ("model", "criterion")},
                    os.path.join(args.output_dir, "initial.pth"))
     return b
 train.build = build_and_keep_initial
@@ -3145,12 +3146,12 @@ def test_momentum_buffers_take_the_channels_last_strides_and_values():
                                      "8", "--workers", "0", "--device", "cpu"] + ["--channels-last"] * channels_last)
             utils.seed_everything(0)
             b = train.build(args, 0, 1, torch.device("cpu"))
-            step = train.bind_step(args, b["train_model"], b["train_criterion"], b["optimizer"], None,
+            step = train.bind_step(args, b.train_model, b.train_criterion, b.optimizer, None,
                                    torch.device("cpu"), 0.0)
-            for _, batch in zip(range(2), b["train_loader"]):
+            for _, batch in zip(range(2), b.train_loader):
                 step(batch)
-            params = b["optimizer"].param_groups[0]["params"]
-            buffers[channels_last] = [b["optimizer"].state[p]["momentum_buffer"] for p in params]
+            params = b.optimizer.param_groups[0]["params"]
+            buffers[channels_last] = [b.optimizer.state[p]["momentum_buffer"] for p in params]
             assert all(buf.stride() == p.stride() for buf, p in zip(buffers[channels_last], params))
         assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # the case under test happened
         for plain, nhwc in zip(buffers[False], buffers[True]):
@@ -3175,10 +3176,10 @@ def test_resume_with_other_channels_last_keeps_the_momentum():
             saved = torch.load(os.path.join(cut, "checkpoint.pth"), weights_only=True)["optimizer"]["state"]
             args = train.parse_args(common + second + ["--iters", "6", "--output-dir", cut, "--resume", "auto"])
             b = train.build(args, 0, 1, torch.device("cpu"))
-            utils.resume(args, *(b[k] for k in ("model", "criterion", "optimizer", "scheduler", "scaler")))
-            params = b["optimizer"].param_groups[0]["params"]
+            utils.resume(args, b.model, b.criterion, b.optimizer, b.scheduler, b.scaler)
+            params = b.optimizer.param_groups[0]["params"]
             for i, p in enumerate(params):
-                buf = b["optimizer"].state[p]["momentum_buffer"]
+                buf = b.optimizer.state[p]["momentum_buffer"]
                 assert torch.equal(buf, saved[i]["momentum_buffer"]) and buf.stride() == p.stride(), i
             assert train.main(args) == 0
             a, b = (torch.load(os.path.join(f, "checkpoint.pth"), weights_only=True)["model"] for f in (whole, cut))

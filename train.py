@@ -15,6 +15,7 @@ import gc
 import math
 import os
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -391,7 +392,7 @@ def main(args):
 
 def build(args, rank, world_size, device):
     """Everything a run needs, built in a fixed order (it fixes the RNG draws), and
-    checked before anything is written (but a first CIFAR run's ./data). Returns a dict of the parts."""
+    checked before anything is written (but a first CIFAR run's ./data). Returns the parts, as attributes."""
     utils.seed_everything((args.seed + rank) % 2 ** 32, args.deterministic)  # own dropout per rank; DDP copies its init
     if args.amp == "fp16" and device.type != "cuda":
         raise data.DataError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
@@ -427,59 +428,58 @@ def build(args, rank, world_size, device):
                                 args.milestones, args.milestone_unit)
     train_counts = torch.bincount(torch.as_tensor(train_set.targets), minlength=num_classes).tolist()
     facts = dict(num_classes=num_classes, classes=[str(c) for c in test_set.classes], train_counts=train_counts)
-    return dict(model=model, train_model=train_model, eval_model=eval_model, criterion=criterion,
-                train_criterion=train_criterion, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
-                optimizer=optimizer, scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-                train_loader=train_loader, sampler=sampler, eval_loaders=eval_loaders, num_classes=num_classes,
-                iters_per_epoch=iters_per_epoch, total_iters=total_iters, epochs=epochs, summary=summary,
-                train_counts=train_counts, data_facts=facts)  # facts: in the checkpoint, for evaluate.py
+    return types.SimpleNamespace(  # data_facts: in the checkpoint, for evaluate.py
+        model=model, train_model=train_model, eval_model=eval_model, criterion=criterion, optimizer=optimizer,
+        train_criterion=train_criterion, scheduler=build_scheduler(args, optimizer, iters_per_epoch),
+        scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None, train_loader=train_loader,
+        sampler=sampler, eval_loaders=eval_loaders, num_classes=num_classes, iters_per_epoch=iters_per_epoch,
+        total_iters=total_iters, epochs=epochs, summary=summary, train_counts=train_counts, data_facts=facts)
 
 
 def train(args, rank, world_size, device):
     """Build, resume, then for each epoch: train, evaluate, log, checkpoint."""
     args.output_dir = args.output_dir or utils.default_output_dir(args)
     b = build(args, rank, world_size, device)
-    model, criterion, optimizer, scheduler, scaler = map(b.get, "model criterion optimizer scheduler scaler".split())
+    model, criterion, optimizer, scheduler, scaler = b.model, b.criterion, b.optimizer, b.scheduler, b.scaler
     resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler, rank)
     if rank == 0:
         utils.prepare_output_dir(args, resumed and ckpt["iteration"], resumed, utils.environment(device, world_size))
-    print(config_line(args), b["summary"], sep="\n", flush=True)
-    iters_per_epoch, total_iters, epochs = b["iters_per_epoch"], b["total_iters"], b["epochs"]
+    print(config_line(args), b.summary, sep="\n", flush=True)
+    iters_per_epoch, total_iters, epochs = b.iters_per_epoch, b.total_iters, b.epochs
     ckpt_path, metrics_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pth", "metrics.jsonl"))
     run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
                     device, args.print_freq, args.save_every, args.skip_nonfinite,
                     save=lambda: utils.save_training_checkpoint(ckpt_path, rank, run, model, criterion, optimizer,
-                                                                scheduler, scaler, args, b["data_facts"]),
+                                                                scheduler, scaler, args, b.data_facts),
                     world_size=world_size)
     run.begin(utils.restore_progress(resumed, ckpt, rank, device) if resumed else None)
     if run.iteration >= total_iters:
         print(f"{resumed} already holds all {total_iters} iterations; nothing to do", flush=True)
         return 0
-    aux_weight = lambda epoch: losses.deep_supervision_weight(args.aux_weight, epoch, epochs, args.aux_decay,
-                                                              args.aux_stop)
+    aux_weight = lambda epoch: losses.deep_supervision_weight(args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
     if args.probe_gradients:
-        step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, aux_weight(0))
-        models.probe_gradients(b["model"], step, b["train_loader"], b["sampler"], scheduler, args.probe_gradients,
+        step = bind_step(args, b.train_model, b.train_criterion, optimizer, scaler, device, aux_weight(0))
+        models.probe_gradients(b.model, step, b.train_loader, b.sampler, scheduler, args.probe_gradients,
                                args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
         return 0
     result = None
     try:
         with run.signals_stop_at_a_step_boundary():
             for epoch in range(run.iteration // iters_per_epoch, epochs):
-                b["sampler"].set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
+                b.sampler.set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
                 alpha = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha) \
                     if args.loss in HYBRID_LOSSES else None
                 weight = aux_weight(epoch) if args.deep_sup else None  # None: no head, null in metrics.jsonl
-                step = bind_step(args, b["train_model"], b["train_criterion"], optimizer, scaler, device, weight, alpha)
-                train_stats = train_one_epoch(b["train_model"], criterion, step, b["train_loader"], optimizer, scheduler,
+                step = bind_step(args, b.train_model, b.train_criterion, optimizer, scaler, device, weight, alpha)
+                train_stats = train_one_epoch(b.train_model, criterion, step, b.train_loader, optimizer, scheduler,
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))
                 train_stats = utils.reduce_mean(train_stats, world_size, device)
                 if (epoch + 1) % args.eval_every == 0 or run.iteration >= total_iters:
                     utils.broadcast_buffers(model)  # evaluate the BN statistics the checkpoint holds (rank 0's)
-                    results = {name: evaluate(b["eval_model"], loader, device, b["num_classes"], b["train_counts"],
+                    results = {name: evaluate(b.eval_model, loader, device, b.num_classes, b.train_counts,
                                               args.many_threshold, args.few_threshold, amp=args.amp,
                                               channels_last=args.channels_last)
-                               for name, loader in b["eval_loaders"].items()}
+                               for name, loader in b.eval_loaders.items()}
                     result = results["test"]
                     if rank == 0:
                         utils.log_evaluation(metrics_path, epoch, run.iteration, train_stats, results, {
