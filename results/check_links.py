@@ -1,5 +1,6 @@
-"""Check that every path and link named in README.md, results/README.md and results/DATA.md, and every
-results/... path named in the scripts under results/, exists in the repository.
+"""Check that every path and link named in README.md, results/README.md, results/DATA.md and each study
+folder's README.md (results/*/README.md), and every results/... path named in the scripts under results/,
+exists in the repository.
 
     python results/check_links.py            # prints each problem; exit code 1 if there is one
 
@@ -68,6 +69,7 @@ def tracked():
 
 FILES, FOLDERS = tracked()
 ALL = FILES | FOLDERS
+STUDY_READMES = sorted(f for f in FILES if re.fullmatch(r"results/[^/]+/README\.md", f))
 
 
 def pattern(word):
@@ -177,12 +179,13 @@ def check_scripts():
 
 
 def main():
-    problems = [p for md in MARKDOWN for p in check_markdown(md)]
+    problems = [p for md in MARKDOWN + STUDY_READMES for p in check_markdown(md)]
     p, count = check_scripts()
     problems += p
     for problem in problems:
         print("MISSING:", problem)
-    print(f"{len(problems)} problem(s) in {', '.join(MARKDOWN)} and {count} scripts under results/")
+    print(f"{len(problems)} problem(s) in {', '.join(MARKDOWN)}, {len(STUDY_READMES)} study READMEs "
+          f"(results/*/README.md) and {count} scripts under results/")
     return 1 if problems else 0
 
 

@@ -2,8 +2,9 @@
 # Why does LDAM-DRW's CE recipe end under its paper's 70.36 on our CIFAR-10-LT? Controlled short
 # runs, as for Wu's gap (results/resnet32-cifar10-wu/seed001-gap/): `--recipe ldam-ce-cifar10lt`
 # cut to EPOCHS epochs (default 50; warm-up 5 epochs as there, x0.01 at 80% and x0.0001 at 90%
-# of the epochs, as 160 and 180 of 200), from the same pinned worktree as the full CE run
-# (1443ed6), one torch thread, niced, --resume auto (rerun the same command to continue).
+# of the epochs, as 160 and 180 of 200), from the same pinned worktree as the full CE run of
+# seed 0 (1443ed6; the full run of seed 1 ran b76683b), one torch thread, niced, --resume auto
+# (rerun the same command to continue).
 #   EPOCHS=50 bash results/hybrid-cifar10lt-full/gap/run.sh SEED VARIANT...
 #   VARIANT: base-bf16 (the decoded JPEG copy, as the full runs), shifted-bf16 (one more JPEG
 #   round at the copy's settings, shifted so that it is a fresh one: make_data.py of Wu's study),

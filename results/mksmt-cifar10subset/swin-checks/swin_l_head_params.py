@@ -1,4 +1,4 @@
-"""Parameter overhead of MKSMT's OPM heads on Swin-L (README, MKSMT section).
+"""Parameter overhead of MKSMT's OPM heads on Swin-L (results/README.md, MKSMT section).
 
     python results/mksmt-cifar10subset/swin-checks/swin_l_head_params.py > results/mksmt-cifar10subset/swin-checks/swin_l_head_params.txt
 
