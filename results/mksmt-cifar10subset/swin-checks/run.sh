@@ -10,10 +10,10 @@ set -u
 cd "$(dirname "$0")/../../.."
 echo "commit $(git rev-parse HEAD)"
 small=/tmp/cifar10_subset_test200.npz
-python - "$small" <<'PY'
+python - "$small" "${CIFAR10_SUBSET:-../shared/data/cifar10_subset.npz}" <<'PY'
 import sys
 import numpy as np
-a = np.load("../shared/data/cifar10_subset.npz")
+a = np.load(sys.argv[2])
 keep = np.concatenate([np.flatnonzero(a["y_test"] == c)[:20] for c in range(10)])
 np.savez(sys.argv[1], x_train=a["x_train"], y_train=a["y_train"], x_test=a["x_test"][keep],
          y_test=a["y_test"][keep], classes=a["classes"])
