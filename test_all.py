@@ -446,6 +446,10 @@ def test_recipe_defaults_and_explicit_override():
     assert args.milestones == [32000, 48000, 64000] and args.normalize == "seed001"
     # no --recipe: the recipe whose setup matches applies (the bare command is seed 001's ResNet-32 run)
     assert train.parse_args([]).recipe == "seed001-cifar10" and train.parse_args([]).iters == 80000
+    # Wu's recipe is the balanced set's; CE on CIFAR-10-LT gets LDAM-DRW's, whose beta 100 the typed 50 overrides
+    lt = train.parse_args(["--imbalance-ratio", "50"])
+    assert (lt.recipe, lt.recipe_matched, lt.batch_size, lt.wd, lt.warmup_epochs, lt.iters, lt.imbalance_ratio) == \
+        ("ldam-ce-cifar10lt", True, 128, 2e-4, 5, 0, 50.0)
     bare = train.parse_args(["--recipe", "none"])
     assert (bare.recipe, bare.lr, bare.iters, bare.block, bare.epochs) == ("none", 0.1, 0, "post", 200)
     lfw = ["--loss", "joint", "--model", "resnet34", "--dataset", "lfw", "--data-path", "x"]

@@ -79,15 +79,15 @@ RECIPES.update({f"mksmt-{name}": dict(_MKSMT, dataset=name) for name in ("cub", 
 RECIPES["mksmt-cub-baseline"] = {k: v for k, v in dict(_MKSMT, dataset="cub", loss="ce").items()
                                  if k not in ("multistep", "kd", "temperature", "lambda1", "lambda2")}
 HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
-# The setup each recipe was published for: a run on its dataset with one of these losses gets the
-# recipe's hyper-parameters whatever its --model (the first match wins); --dataset and --loss stay
-# yours, flags you type win, --recipe none turns it off. Other recipes: their own --loss only.
+# The setup each recipe was published for: a run on its dataset with one of these losses (and SETUP_MORE's
+# conditions, tried first) gets the recipe's hyper-parameters whatever its --model (the first match wins);
+# --dataset and --loss stay yours, flags you type win, --recipe none turns it off. Others: their own --loss only.
 SETUP_LOSSES = {**dict.fromkeys(("lfw-joint", "cub-joint"), ("joint", "center", "ce")),
                 **dict.fromkeys(("hybrid-psc-cifar10lt", "hybrid-psc-cifar100lt"), ("hybrid-psc", "hybrid-mpsc"))}
-SETUP_MODELS = {"mksmt-cub-baseline": models.SWINS}  # CE on CUB: MKSMT's baseline with a Swin, else Tong's
-RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)),
-                            **({"model": SETUP_MODELS[name]} if name in SETUP_MODELS else {}))
-                 for name, r in sorted(RECIPES.items(), key=lambda item: item[0] not in SETUP_MODELS)}
+SETUP_MORE = {"mksmt-cub-baseline": {"model": models.SWINS},  # CE on CUB: MKSMT's baseline with a Swin, else Tong's
+              "seed001-cifar10": {"imbalance_ratio": (None,)}}  # CE on CIFAR-10-LT: LDAM-DRW's recipe, not Wu's
+RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)), **SETUP_MORE.get(name, {}))
+                 for name, r in sorted(RECIPES.items(), key=lambda item: item[0] not in SETUP_MORE)}  # specific first
 
 
 # ==== Model, loss, optimizer, schedule ================================================
