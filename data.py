@@ -227,12 +227,14 @@ class ResumableSampler(torch.utils.data.Sampler):
     workers and wherever a run was resumed. With ``num_replicas`` processes, rank
     r takes positions r, r + num_replicas, ... (the distributed version); the
     union over ranks of batch k is then batch k of one process with the global
-    batch size.
+    batch size. ``stream=1`` gives a second order of the same run, independent of
+    the first, with sample seeds of its own (offset by 23_757_000_000: see
+    ``PositivesSampler``): the hybrid network's instance-sampled CE batch.
     """
 
-    def __init__(self, num_samples, seed=0, num_replicas=1, rank=0):
+    def __init__(self, num_samples, seed=0, num_replicas=1, rank=0, stream=0):
         self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, 0, 0
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.stream = num_replicas, rank, stream
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -241,9 +243,10 @@ class ResumableSampler(torch.utils.data.Sampler):
         return len(range(self.rank, self.num_samples, self.num_replicas)) - self.start
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        key = self.seed * 1_000_003 + self.epoch
+        generator = torch.Generator().manual_seed(key + 250_000 * self.stream)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * self.num_samples
+        base = key * self.num_samples + 23_757_000_000 * self.stream
         positions = range(self.rank, self.num_samples, self.num_replicas)  # this process's share
         for position in positions[self.start:]:
             yield order[position], base + position
@@ -375,9 +378,10 @@ class PositivesSampler(torch.utils.data.Sampler):
     Like ``ResumableSampler``: elements are ``(index, sample_seed)``, with a seed
     unique to (seed, epoch, position); ``set_epoch(e, start)`` skips this rank's
     first ``start`` elements (a resumed run continues exactly). Sample seeds are
-    offset by 15_838_000_000 (``ClassBalancedSampler``'s offset is 7_919_000_000),
-    so the three samplers of one run share no seed while epochs * len(targets)
-    stays below 7.9e9 (with ``ClassBalancedSampler``'s default num_samples).
+    offset by 15_838_000_000 (``ClassBalancedSampler``'s offset is 7_919_000_000, an
+    instance-sampled CE stream's 23_757_000_000), so the samplers of one run share no
+    seed while epochs * len(targets) stays below 7.9e9 (with ``ClassBalancedSampler``'s
+    default num_samples).
 
     Args:
         targets: class index of every training image (sequence or tensor of int).
@@ -1360,7 +1364,7 @@ def use_tensor_loader(train_set, loader="auto"):
 
 def make_train_loader(train_set, batch_size, device, seed, loader="auto", sampler="instance", workers=2,
                       normalize="cifar", two_streams=False, positives=0, image_size=32, small=True,
-                      rank=0, world_size=1, hybrid_crop="pad"):
+                      rank=0, world_size=1, hybrid_crop="pad", ce_sampler="class-balanced"):
     """Shuffled with ``ResumableSampler`` and augmented per sample from its own seed
     (``PerSampleSeed``), so a resumed run sees the same batches. With the tensor
     loader (``TensorLoader``, see ``use_tensor_loader``) the whole uint8 set sits on
@@ -1373,13 +1377,16 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
     ((views (B, 2, 3, H, W), labels (B,)), (images (B', 3, H, W), labels (B',))): the
     contrastive branch's instance-sampled images (in groups of ``positives``
     same-class images with ``PositivesSampler`` when > 0), two views each
-    (``hybrid_transforms``), and the CE branch's class-balanced batch
-    (``ClassBalancedSampler``) of single views. Both streams have
+    (``hybrid_transforms``), and the CE branch's batch of single views: class-balanced
+    (``ClassBalancedSampler``) or, with ``ce_sampler="instance"``, a second shuffled order
+    (``ResumableSampler``, stream 1). Both streams have
     len(train_set) // batch_size batches per epoch. ``small``: 32-px images (CIFAR's
     crop); ``hybrid_crop``: their crop in both streams (``hybrid_transforms``).
     Returns (loader, sampler), the sampler to ``set_epoch``."""
     if hybrid_crop not in ("pad", "resized"):
         raise ValueError(f"hybrid_crop must be 'pad' or 'resized', got {hybrid_crop!r}")
+    if ce_sampler not in ("class-balanced", "instance"):
+        raise ValueError(f"ce_sampler must be 'class-balanced' or 'instance', got {ce_sampler!r}")
     if batch_size * world_size > len(train_set):
         per = f" x {world_size} processes" if world_size > 1 else ""
         raise DataError(f"--batch-size {batch_size}{per} is larger than the training set "
@@ -1403,7 +1410,8 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
             generator=torch.Generator().manual_seed(seed))  # worker seeds never touch the global RNG
     if not two_streams:
         return (tensor_loader(order) if tensor else torch_loader(train_set, order)), order
-    balanced = ClassBalancedSampler(train_set.targets, seed, num_replicas=world_size, rank=rank)
+    ce_order = (ClassBalancedSampler(train_set.targets, seed, num_replicas=world_size, rank=rank)
+                if ce_sampler == "class-balanced" else ResumableSampler(len(train_set), seed, world_size, rank, stream=1))
     if positives:  # the contrastive stream in groups of same-class images (many classes, small batches)
         try:
             order = PositivesSampler(train_set.targets, positives, batch_size * world_size, seed, world_size, rank)
@@ -1413,13 +1421,13 @@ def make_train_loader(train_set, batch_size, device, seed, loader="auto", sample
         resized = small and hybrid_crop == "resized"
         crop = {"resized": (image_size, SUPCON_CROP_SCALE, (3 / 4, 4 / 3))} if resized else {}  # T's default ratio
         streams = [tensor_loader(order, views=2, contrastive=True, **crop),
-                   tensor_loader(balanced, grayscale=0.2, **crop)]
-        return ZippedLoaders(streams), ZippedSamplers([order, balanced])
+                   tensor_loader(ce_order, grayscale=0.2, **crop)]
+        return ZippedLoaders(streams), ZippedSamplers([order, ce_order])
     ce_transform, two_views = hybrid_transforms(normalize, image_size, small, stored_size(train_set) or (32, 32),
                                                 hybrid_crop)
     streams = [torch_loader(with_transform(train_set, two_views), order),
-               torch_loader(with_transform(train_set, ce_transform), balanced)]
-    return ZippedLoaders(streams), ZippedSamplers([order, balanced])
+               torch_loader(with_transform(train_set, ce_transform), ce_order)]
+    return ZippedLoaders(streams), ZippedSamplers([order, ce_order])
 
 
 class ZippedLoaders:

@@ -1066,7 +1066,7 @@ def test_resume_after_sigkill_is_bit_identical():
 
 
 def test_resume_refuses_a_changed_center_reduction_or_crop():
-    """--ctc-reduction's default for --loss center became mean, --hybrid-crop is new: a run
+    """--ctc-reduction's default for --loss center became mean, --hybrid-crop and --hybrid-ce-sampler are new: a run
     resumed from a checkpoint trained otherwise stops with one line instead of switching."""
     with tmpdir() as d:
         npz, out = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8), os.path.join(d, "run")
@@ -1082,12 +1082,16 @@ def test_resume_refuses_a_changed_center_reduction_or_crop():
         assert r.returncode == 0, r.stderr
         ckpt_path = os.path.join(out, "checkpoint.pth")
         ckpt = torch.load(ckpt_path, weights_only=True)
-        del ckpt["args"]["hybrid_crop"]                                # as a checkpoint from before the flag
+        del ckpt["args"]["hybrid_crop"], ckpt["args"]["hybrid_ce_sampler"]   # as a checkpoint from before the flags
         torch.save(ckpt, ckpt_path)
         args = argparse.Namespace(output_dir=out, resume="auto", ctc_reduction="sum", hybrid_crop="resized")
         with contextlib.suppress(data.DataError):
             utils.resume(args, None, None, None, None, None)
             raise AssertionError("a checkpoint without --hybrid-crop (padded) resumed with resized")
+        args.hybrid_crop, args.hybrid_ce_sampler = "pad", "instance"   # nor the CE branch's sampler
+        with contextlib.suppress(data.DataError):
+            utils.resume(args, None, None, None, None, None)
+            raise AssertionError("a checkpoint without --hybrid-ce-sampler (class-balanced) resumed with instance")
 
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
@@ -2852,6 +2856,26 @@ def test_hybrid_crop_pads_or_resizes_in_both_streams_and_both_loaders():
         crop = next(t for t in pipeline.transforms if isinstance(t, (T.RandomCrop, T.RandomResizedCrop)))
         assert isinstance(crop, T.RandomResizedCrop) and tuple(crop.scale) == (0.2, 1.0)
     assert train.parse_args(["--recipe", "hybrid-sc-cifar10lt"]).hybrid_crop == "pad"   # the runs so far
+
+
+def test_hybrid_ce_sampler_instance_draws_each_image_once_in_an_order_of_its_own():
+    """--hybrid-ce-sampler instance: the CE batch visits every image once per epoch, in a
+    shuffled order that is not the contrastive stream's, with sample seeds of its own;
+    class-balanced (the default) draws with replacement."""
+    n, b = 64, 16
+    ds = data.ArrayDataset(np.zeros((n, 32, 32, 3), dtype=np.uint8), list(range(n)), [str(i) for i in range(n)])
+    for loader in ("tensor", "torch"):
+        for ce_sampler in ("instance", "class-balanced"):
+            batches, sampler = data.make_train_loader(ds, b, torch.device("cpu"), 3, loader=loader, workers=0,
+                                                      two_streams=True, ce_sampler=ce_sampler, normalize="seed001")
+            sampler.set_epoch(1)
+            pairs = [(con.tolist(), ce.tolist()) for (_, con), (_, ce) in batches]   # labels = image indices
+            con_order, ce_order = sum((p[0] for p in pairs), []), sum((p[1] for p in pairs), [])
+            assert sorted(con_order) == list(range(n)) and con_order != ce_order, (loader, ce_sampler)
+            assert (sorted(ce_order) == list(range(n))) == (ce_sampler == "instance"), (loader, ce_sampler)
+    first, second = data.ResumableSampler(n, 3), data.ResumableSampler(n, 3, stream=1)
+    assert not {seed for _, seed in first} & {seed for _, seed in second}
+    assert [i for i, _ in data.ResumableSampler(n, 3, stream=0)] == [i for i, _ in first]   # stream 0: as before
 
 
 def test_tensor_loader_on_subsets_and_cifar():

@@ -126,6 +126,10 @@ def add_data_arguments(parser):
         "--hybrid-crop", default="pad", choices=["pad", "resized"],
         help="the 32-px crop of both streams (the digest: '32x32 random crop'): 4-px padding + random crop, "
              "or SupContrast's CIFAR RandomResizedCrop(32, scale 0.2-1)")
+    group("hybrid CE batch", ("a hybrid --loss", lambda a: getattr(a, "loss", "").startswith("hybrid-"))).add_argument(
+        "--hybrid-ce-sampler", default="class-balanced", choices=["class-balanced", "instance"],
+        help="how the CE branch draws its batch: class-balanced (our reading: the digest names no sampler, its "
+             "introduction says class-balanced sampling suits classifier learning) or instance, shuffled")
     group("LFW", ("--dataset lfw", lambda a: a.dataset == "lfw")).add_argument(
         "--lfw-top-k", type=AT_LEAST_2, default=20, help="keep the k identities with most images")
     group("CUB", ("--dataset cub", lambda a: a.dataset == "cub")).add_argument(
@@ -706,7 +710,8 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
         return None, None
     ckpt = load_checkpoint(path)
     # settings whose defaults changed and that no tensor records: a resumed run must not switch them silently
-    for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad")):  # before_flag: older checkpoints
+    for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad"),  # before_flag: older checkpoints
+                              ("hybrid_ce_sampler", "class-balanced")):
         saved, flag = ckpt["args"].get(dest, before_flag), "--" + dest.replace("_", "-")
         if saved is not None and saved != getattr(args, dest, saved):
             raise data.DataError(f"checkpoint {path} was trained with {flag} {saved}, this run has "
@@ -923,7 +928,8 @@ def train_loader_from_args(args, train_set, device, two_streams=False, rank=0, w
         train_set, args.batch_size, device, args.seed, loader=args.loader, sampler=args.sampler, workers=args.workers,
         normalize=args.normalize, two_streams=two_streams, positives=args.positives, image_size=args.image_size,
         small=args.dataset in data.SMALL_DATASETS, rank=rank, world_size=world_size,
-        hybrid_crop=getattr(args, "hybrid_crop", "pad"))  # older checkpoints' configs: before the flag
+        hybrid_crop=getattr(args, "hybrid_crop", "pad"),  # older checkpoints' configs: before the flags
+        ce_sampler=getattr(args, "hybrid_ce_sampler", "class-balanced"))
 
 
 def split_off_validation(args, train_set, test_set):

@@ -5,10 +5,12 @@
 # torch thread each, niced, --resume auto (rerun the same command to continue). Code: PIN (default HEAD;
 # the runs here: 680eae1, the commit that added --hybrid-crop), in a git worktree beside the repository.
 #   PIN=680eae1 bash results/hybrid-cifar10lt-full/cuts/run.sh SEED VARIANT...
-# VARIANT: LOSS-CROP[-shifted], LOSS sc or psc. CROP: pad (4 px padding + 32x32 crop, the full runs') or
-# resized (SupContrast's CIFAR views, RandomResizedCrop(32, scale=(0.2, 1)), --hybrid-crop resized): the
-# digest says "32x32 random crop". -shifted: the data after one more JPEG round at the copy's settings
-# (make_data.py of Wu's study, results/resnet32-cifar10-wu/seed001-gap/), else the copy the full runs read.
+# VARIANT: LOSS-CROP[-shifted][-ceinstance], LOSS sc or psc. CROP: pad (4 px padding + 32x32 crop, the full
+# runs') or resized (SupContrast's CIFAR views, RandomResizedCrop(32, scale=(0.2, 1)), --hybrid-crop
+# resized): the digest says "32x32 random crop". -shifted: the data after one more JPEG round at the copy's
+# settings (make_data.py of Wu's study, results/resnet32-cifar10-wu/seed001-gap/), else the copy the full
+# runs read. -ceinstance: --hybrid-ce-sampler instance (the CE batch shuffled, not class-balanced; a PIN
+# from the commit that added the flag on, whose default path equals 680eae1's: refactor-golden/).
 # The long-tailed cut keeps the same images in every variant (drawn from the labels, --split-seed 0).
 set -u
 cd "${REPO:-$(dirname "$0")/../../..}"
@@ -21,17 +23,15 @@ tree=$repo/../worktrees/${pin:0:10}
 [ "$(git -C "$tree" rev-parse HEAD)" = "$pin" ] || { echo "worktree $tree is not at $pin" >&2; exit 2; }
 data=${DATA_DIR:-$repo/../data}
 for variant in "$@"; do
-  case $variant in
-    sc-pad|sc-resized|psc-pad|psc-resized) npz=cifar10_full.npz ;;
-    sc-pad-shifted|sc-resized-shifted|psc-pad-shifted|psc-resized-shifted) npz=cifar10_full_reenc_shifted.npz ;;
-    *) echo "unknown variant $variant" >&2; exit 2 ;;
-  esac
+  [[ $variant =~ ^(sc|psc)-(pad|resized)(-shifted)?(-ceinstance)?$ ]] || { echo "unknown variant $variant" >&2; exit 2; }
+  loss=${BASH_REMATCH[1]} crop=${BASH_REMATCH[2]} npz=cifar10_full.npz extra=""
+  [ -n "${BASH_REMATCH[3]}" ] && npz=cifar10_full_reenc_shifted.npz
+  [ -n "${BASH_REMATCH[4]}" ] && extra="--hybrid-ce-sampler instance"
   [ -f "$data/$npz" ] || { echo "$data/$npz missing: python ../shared/data/cifar10_jpeg.py $data/cifar10_full.npz, then (shifted) python results/resnet32-cifar10-wu/seed001-gap/make_data.py $data/cifar10_full.npz $data" >&2; exit 2; }
-  loss=${variant%%-*} crop=${variant#*-}; crop=${crop%-shifted}
   out=$repo/results/hybrid-cifar10lt-full/cuts/$variant-ep$epochs-seed$seed
   echo "== start $(date -u +%FT%TZ) $variant seed $seed epochs $epochs commit $pin host $(hostname)" >> "$out.log"
   (cd "$tree" && OMP_NUM_THREADS=1 nice -n "${NICE:-10}" python train.py --recipe "hybrid-$loss-cifar10lt" \
-    --hybrid-crop "$crop" --dataset npz --data-path "$data/$npz" --amp bf16 --channels-last --epochs "$epochs" \
+    --hybrid-crop "$crop" $extra --dataset npz --data-path "$data/$npz" --amp bf16 --channels-last --epochs "$epochs" \
     --milestones $((epochs * 3 / 5)) $((epochs * 4 / 5)) --print-freq 24 --save-every 48 --seed "$seed" \
     --output-dir "$out" --resume auto >> "$out.log" 2>&1)
   rc=$?  # before the date's command substitution, which resets $?
