@@ -1065,9 +1065,9 @@ def test_resume_after_sigkill_is_bit_identical():
             _rows_without_time(os.path.join(killed, "metrics.jsonl"))
 
 
-def test_resume_refuses_a_changed_center_reduction_or_crop():
-    """--ctc-reduction's default for --loss center became mean, --hybrid-crop and --hybrid-ce-sampler are new: a run
-    resumed from a checkpoint trained otherwise stops with one line instead of switching."""
+def test_resume_refuses_a_changed_reduction_crop_sampler_or_recipe():
+    """--ctc-reduction's default for --loss center became mean, --hybrid-crop and --hybrid-ce-sampler are new, recipe
+    matching changed: a run resumed from a checkpoint trained otherwise stops with one line instead of switching."""
     with tmpdir() as d:
         npz, out = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8), os.path.join(d, "run")
         r = subprocess.run(_train_cmd(npz, out, "--loss", "center", "--ctc-reduction", "sum", "--epochs", "1"),
@@ -1089,9 +1089,17 @@ def test_resume_refuses_a_changed_center_reduction_or_crop():
             utils.resume(args, None, None, None, None, None)
             raise AssertionError("a checkpoint without --hybrid-crop (padded) resumed with resized")
         args.hybrid_crop, args.hybrid_ce_sampler = "pad", "instance"   # nor the CE branch's sampler
-        with contextlib.suppress(data.DataError):
+        try:
             utils.resume(args, None, None, None, None, None)
             raise AssertionError("a checkpoint without --hybrid-ce-sampler (class-balanced) resumed with instance")
+        except data.DataError as e:
+            assert "trained with --hybrid-ce-sampler class-balanced" in str(e), e
+        args.hybrid_ce_sampler, args.recipe = "class-balanced", "seed001-cifar10"   # nor another recipe
+        try:
+            utils.resume(args, None, None, None, None, None)
+            raise AssertionError("a run resumed under another recipe")
+        except data.DataError as e:
+            assert f"trained with --recipe {ckpt['args']['recipe']}, this run has seed001-cifar10" in str(e), e
 
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
@@ -2875,7 +2883,9 @@ def test_hybrid_ce_sampler_instance_draws_each_image_once_in_an_order_of_its_own
             assert (sorted(ce_order) == list(range(n))) == (ce_sampler == "instance"), (loader, ce_sampler)
     first, second = data.ResumableSampler(n, 3), data.ResumableSampler(n, 3, stream=1)
     assert not {seed for _, seed in first} & {seed for _, seed in second}
-    assert [i for i, _ in data.ResumableSampler(n, 3, stream=0)] == [i for i, _ in first]   # stream 0: as before
+    key = 3 * 1_000_003 + 0                                      # stream 0 draws as before the flag: (seed, epoch)
+    before = torch.randperm(n, generator=torch.Generator().manual_seed(key)).tolist()
+    assert list(first) == [(i, key * n + position) for position, i in enumerate(before)]
 
 
 def test_tensor_loader_on_subsets_and_cifar():

@@ -85,7 +85,7 @@ HYBRID_LOSSES = ("hybrid-sc", "hybrid-psc", "hybrid-mpsc")
 SETUP_LOSSES = {**dict.fromkeys(("lfw-joint", "cub-joint"), ("joint", "center", "ce")),
                 **dict.fromkeys(("hybrid-psc-cifar10lt", "hybrid-psc-cifar100lt"), ("hybrid-psc", "hybrid-mpsc"))}
 SETUP_MORE = {"mksmt-cub-baseline": {"model": models.SWINS},  # CE on CUB: MKSMT's baseline with a Swin, else Tong's
-              "seed001-cifar10": {"imbalance_ratio": (None,)}}  # CE on CIFAR-10-LT: LDAM-DRW's recipe, not Wu's
+              "seed001-cifar10": {"imbalance_ratio": (None, 1.0)}}  # CE on CIFAR-10-LT: LDAM-DRW's recipe, not Wu's
 RECIPE_SETUPS = {name: dict(dataset=(r["dataset"],), loss=SETUP_LOSSES.get(name, (r["loss"],)), **SETUP_MORE.get(name, {}))
                  for name, r in sorted(RECIPES.items(), key=lambda item: item[0] not in SETUP_MORE)}  # specific first
 
@@ -501,17 +501,17 @@ def get_args_parser(add_help=True):
     p = utils.OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help)
     group = functools.partial(utils.conditional_group, p)
     p.add_argument("--recipe", choices=sorted(RECIPES) + ["none"],
-                   help="a paper's hyper-parameters, over the defaults shown here (default: the recipe whose setup "
-                        "matches --dataset and --loss, if any: seed001-cifar10 for a bare run; none: no recipe)")
+                   help="a paper's hyper-parameters, over the defaults shown here (default: the recipe published for "
+                        "the run's setup (dataset, loss, ...: README), if any: seed001-cifar10 for a bare run; none: none)")
     p.add_argument("--loss", default="ce", choices=["ce", "center", "joint", *HYBRID_LOSSES, "mksmt"],
                    help="joint = CE + lambda * contrastive-center (Tong, Eq. 8); center = CE + lambda * center "
-                        "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * class-balanced CE; "
+                        "loss; hybrid-* = alpha * SC/PSC/MPSC + (1 - alpha) * CE (class-balanced batch); "
                         "mksmt = per-stage OPM heads, self-distillation, multi-step training")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet32", choices=models.MODEL_NAMES, help="backbone (models.py)")
     g.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights")
     g.add_argument("--weights", help="local state dict to initialise the backbone from")
-    group("one-stream sampling", ("a --loss other than hybrid-* (their CE branch is always class-balanced)",
+    group("one-stream sampling", ("a --loss other than hybrid-* (theirs: --hybrid-ce-sampler)",
                                   lambda a: a.loss not in HYBRID_LOSSES)).add_argument(
         "--sampler", default="instance", choices=["instance", "class-balanced"],
         help="each image once per epoch, shuffled (instance), or a uniform class then a uniform image of it, "
@@ -643,7 +643,7 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = before = parser.parse_args(argv)  # before: without a recipe, so a switched-off flag's default
     recipe, matched, values = args.recipe, False, {}
-    if recipe is None:  # the first recipe whose setup holds the run's dataset and loss
+    if recipe is None:  # the first recipe whose setup holds the run's values
         recipe, matched = next((name for name, setup in RECIPE_SETUPS.items()
                                 if all(getattr(args, k) in values for k, values in setup.items())), None), True
     if recipe not in (None, "none"):

@@ -711,7 +711,7 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
     ckpt = load_checkpoint(path)
     # settings whose defaults changed and that no tensor records: a resumed run must not switch them silently
     for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad"),  # before_flag: older checkpoints
-                              ("hybrid_ce_sampler", "class-balanced")):
+                              ("hybrid_ce_sampler", "class-balanced"), ("recipe", None)):  # recipe: matching changed
         saved, flag = ckpt["args"].get(dest, before_flag), "--" + dest.replace("_", "-")
         if saved is not None and saved != getattr(args, dest, saved):
             raise data.DataError(f"checkpoint {path} was trained with {flag} {saved}, this run has "

@@ -2,13 +2,14 @@
 train CE of the last epoch, mean img/s of the log's progress windows; then mean +- sample std
 over seeds per variant, and the paired differences (same seed, so same initialisation and batch
 order) of each variant against base-bf16, and of shifted2-bf16 (a third JPEG round) against
-shifted-bf16 (the second), of X-resized against X-pad (the hybrids' crop) and of X-shifted against X
-(one more JPEG round for the hybrids), with their mean +- std and standard error. Run folders are
-named VARIANT-itN-seedS (N iterations) or VARIANT-epN-seedS (N epochs).
+shifted-bf16 (the second), of X-resized against X-pad (the hybrids' crop), of X-shifted against X
+(one more JPEG round for the hybrids) and of X-ceinstance against X (their CE batch shuffled), with
+their mean +- std and standard error. Run folders are named VARIANT-itN-seedS (N iterations) or
+VARIANT-epN-seedS (N epochs).
 
     python results/resnet32-cifar10-wu/seed001-gap/report.py > results/resnet32-cifar10-wu/seed001-gap/report.txt
     python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/gap   # LDAM CE's
-    python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/cuts  # the hybrids' crop, JPEG
+    python results/resnet32-cifar10-wu/seed001-gap/report.py results/hybrid-cifar10lt-full/cuts  # the hybrids' crop, JPEG, sampler
 """
 import glob
 import json
@@ -51,7 +52,8 @@ def main(where=HERE):
     pairs = [(variant, "base-bf16-" + variant.rsplit("-", 1)[1]) for variant in rows]
     pairs += [(variant, variant.replace("shifted2-", "shifted-")) for variant in rows if variant.startswith("shifted2-")]
     pairs += [(variant, variant.replace("-resized-", "-pad-")) for variant in rows if "-resized-" in variant]
-    pairs += [(variant, variant.replace("-shifted-", "-")) for variant in rows if "-shifted-" in variant]
+    pairs += [(variant, variant.replace(mark, "-")) for mark in ("-shifted-", "-ceinstance-") for variant in rows
+              if mark in variant]
     for variant, reference_name in pairs:
         by_seed, reference = rows[variant], rows.get(reference_name, {})
         seeds = sorted(set(by_seed) & set(reference))
