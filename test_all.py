@@ -1084,22 +1084,15 @@ def test_resume_refuses_a_changed_reduction_crop_sampler_or_recipe():
         ckpt = torch.load(ckpt_path, weights_only=True)
         del ckpt["args"]["hybrid_crop"], ckpt["args"]["hybrid_ce_sampler"]   # as a checkpoint from before the flags
         torch.save(ckpt, ckpt_path)
-        args = argparse.Namespace(output_dir=out, resume="auto", ctc_reduction="sum", hybrid_crop="resized")
-        with contextlib.suppress(data.DataError):
-            utils.resume(args, None, None, None, None, None)
-            raise AssertionError("a checkpoint without --hybrid-crop (padded) resumed with resized")
-        args.hybrid_crop, args.hybrid_ce_sampler = "pad", "instance"   # nor the CE branch's sampler
-        try:
-            utils.resume(args, None, None, None, None, None)
-            raise AssertionError("a checkpoint without --hybrid-ce-sampler (class-balanced) resumed with instance")
-        except data.DataError as e:
-            assert "trained with --hybrid-ce-sampler class-balanced" in str(e), e
-        args.hybrid_ce_sampler, args.recipe = "class-balanced", "seed001-cifar10"   # nor another recipe
-        try:
-            utils.resume(args, None, None, None, None, None)
-            raise AssertionError("a run resumed under another recipe")
-        except data.DataError as e:
-            assert f"trained with --recipe {ckpt['args']['recipe']}, this run has seed001-cifar10" in str(e), e
+        args = argparse.Namespace(output_dir=out, resume="auto", ctc_reduction="sum")
+        for changed, expected in ((dict(hybrid_crop="resized"), "--hybrid-crop pad"),   # absent: as before the flags
+                                  (dict(hybrid_ce_sampler="instance"), "--hybrid-ce-sampler class-balanced"),
+                                  (dict(recipe="seed001-cifar10"), f"--recipe {ckpt['args']['recipe']}")):
+            try:
+                utils.resume(argparse.Namespace(**vars(args), **changed), None, None, None, None, None)
+                raise AssertionError(f"resumed with {changed}")
+            except data.DataError as e:
+                assert f"trained with {expected}, this run has {next(iter(changed.values()))}" in str(e), e
 
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Controlled 50-epoch cuts of the hybrids, as gap/run.sh for CE: is their gap to the paper the crop of
-# their views, or the JPEG copy of the data? `--recipe hybrid-sc-cifar10lt` (or psc) cut to EPOCHS epochs
+# their views, the JPEG copy of the data, or the CE sampler? `--recipe hybrid-sc-cifar10lt` (or psc) cut to EPOCHS epochs
 # (default 50; lr /10 at 60% and 80% of them, as 120 and 160 of 200; alpha = 1 - (t/T)^2 over the cut), one
 # torch thread each, niced, --resume auto (rerun the same command to continue). Code: PIN (default HEAD;
 # the runs here: 680eae1, the commit that added --hybrid-crop), in a git worktree beside the repository.
