@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper-scale runs, on CPU, across sessions: one script for all of them.
+# The paper-scale runs, on CPU, stopped and continued as often as needed: one script for all of them.
 #
 #   bash results/run_long.sh RUN SEED          # start, or continue with --resume auto
 #   nohup bash results/run_long.sh hybrid-sc-twopass 0 > /dev/null 2>&1 &
@@ -8,11 +8,11 @@
 # RUN (the table below): the recipe, its study folder under results/ and its flags.
 # The code is pinned: a run always executes a git worktree of the commit it started at (written
 # to <run folder>/pinned_commit at its first start; PIN=<commit> chooses it), so later work on
-# train.py cannot change a run half-way. Data: the full CIFAR-10 copy of the team's data folder,
-# decoded once to ../data/cifar10_full.npz (50k / 10k, JPEG-derived: see results/README.md).
+# train.py cannot change a run half-way. Data: DATA=<npz> (x_train, y_train, x_test, y_test: results/DATA.md),
+# by default ../data/cifar10_full.npz, decoded once from ../shared/data/cifar10_jpeg.npz when that is beside the clone.
 # The log gets one line at each segment's start (commit, host, cores, threads) and end (exit
-# code, mean img/s). THREADS (default 1) sets OMP_NUM_THREADS; NICE (default 10) lets the
-# session's own work go first.
+# code, mean img/s). THREADS (default 1) sets OMP_NUM_THREADS; NICE (default 10) lets other
+# work on the machine go first.
 set -u
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -45,7 +45,7 @@ tree=$repo/../worktrees/${pin:0:10}
 [ "$(git -C "$tree" rev-parse HEAD)" = "$pin" ] || { echo "worktree $tree is not at $pin" >&2; exit 2; }
 if [ ! -f "$npz" ]; then
   mkdir -p "$(dirname "$npz")"
-  python "$repo/../shared/data/cifar10_jpeg.py" "$npz" || { echo "no data: $npz is made from ../shared/data/cifar10_jpeg.npz" >&2; exit 2; }
+  python "$repo/../shared/data/cifar10_jpeg.py" "$npz" || { echo "no data: set DATA=<an npz of CIFAR-10: x_train, y_train, x_test, y_test> (results/DATA.md)" >&2; exit 2; }
 fi
 echo "== segment start $(date -u +%FT%TZ) commit $pin host $(hostname) cores $(nproc) OMP_NUM_THREADS=$threads" >> "$log"
 cd "$tree"

@@ -39,7 +39,7 @@ wait
 # plain nets (5): a control trained at a broken lr would say nothing.
 # 5: resnet56 lr on the validation split, then its finals. (The queues also held Kaiming
 # plain56 finals at its chosen lr 0.001; they were taken off before starting, for lack of
-# session time. Not run: bash $S final plain56-kaiming 0.001 none 0 1 2; ... 1 0 1 2.)
+# machine time. Not run: bash $S final plain56-kaiming 0.001 none 0 1 2; ... 1 0 1 2.)
 ( bash $S sweep resnet56 0.03 0.01; lr=$(bash $S select resnet56 0.1 0.03 0.01)   # after the 0.1 sweep is in
   bash $S final resnet56 $lr none 0 1 2 ) > laneB5.out &
 ( bash $S sweep resnet56 0.1; lr=$(bash $S select resnet56 0.1 0.03 0.01)         # after the 0.03 / 0.01 sweeps are in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# First device call (about 3 minutes): the machine, the test suite, the training-step benchmark
+# First GPU job (about 3 minutes): the machine, the test suite, the training-step benchmark
 # against a hand-written loop, and Tong's LFW-20 recipe for 4 epochs on CUDA (it runs; s/epoch).
 # Run from the repository root with the LFW top-20 folder at .devdata/lfw_top20 (carried there:
 # ../shared does not travel):   bash results/gpu-h200/check.sh     # writes under $OUT (default /tmp/out)

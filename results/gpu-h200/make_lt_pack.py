@@ -1,6 +1,6 @@
 """CIFAR-10-LT (beta 100) small enough to travel to a GPU machine with the repository.
 
-The full JPEG pack (56 MB) and the repository do not fit the 64 MiB a device call carries. The
+The full JPEG pack (56 MB) and the repository do not fit the 64 MiB that our GPU jobs could carry. The
 long-tailed runs need only the 12,406 training images that the cut keeps, and the test set:
 
     python results/gpu-h200/make_lt_pack.py ../shared/data/cifar10_jpeg.npz .devdata/cifar10lt100_pack.npz

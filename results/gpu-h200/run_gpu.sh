@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Paper-scale runs side by side on one lent GPU, inside one device call (10 minutes at most): a run
+# Paper-scale runs side by side on one GPU, inside one job of 10 minutes at most: a run
 # must finish there, since a ResNet-34 checkpoint (170 MB) cannot come back. Checkpoints go to
 # /dev/shm; logs, config.json and metrics.jsonl of every run come back in $OUT/runs.tgz.
 #   SET=lfw DEADLINE=420 bash results/gpu-h200/run_gpu.sh   # from the repository root
 # SET=lfw: Tong's LFW-20 recipe (--recipe lfw-joint: ResNet-34, 224 px, 300 epochs, batch 64,
 #   lr 0.01, lambda 1), --loss ce and joint, seeds 0, 1, 2; LFW top-20 at .devdata/lfw_top20.
 #   LOADER=tensor (default): images decoded once onto the GPU, RandomResizedCrop there;
-#   LOADER=torch is the first session's PIL DataLoader (2 workers a run: about 675 img/s a run).
+#   LOADER=torch is the first GPU job's PIL DataLoader (2 workers a run: about 675 img/s a run).
 # SET=lt: Wang et al.'s CIFAR-10-LT (beta 100) table: --recipe ldam-ce-cifar10lt,
 #   hybrid-sc-cifar10lt and hybrid-psc-cifar10lt, seeds 0, 1, 2, from
 #   .devdata/cifar10lt100_pack.npz (make_lt_pack.py: the kept images only; train.py's own cut
@@ -29,7 +29,7 @@ case $SET in
        folder() { case $1 in hybrid-*) echo "$1-twopass-seed$2" ;; *) echo "$1-seed$2" ;; esac; } ;;
   *) echo "SET=lfw or SET=lt" >&2; exit 2 ;;
 esac
-# Beside the runs, on cores of its own and no GPU: the distributed test that the first lent session
+# Beside the runs, on cores of its own and no GPU: the distributed test that the first GPU job
 # saw fail on this machine's CPU (its comparison has changed since; TESTS=0 skips it).
 if [ "${TESTS:-1}" = 1 ]; then
     (CUDA_VISIBLE_DEVICES= taskset -c 11-15 timeout 300 python3 -c "import test_all as t

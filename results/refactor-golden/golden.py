@@ -111,7 +111,7 @@ def main():
         return 1 if bad else 0
     repo, out = os.path.abspath(sys.argv[1]), sys.argv[2]
     only = sys.argv[3:] or list(RUNS)
-    shared = os.environ.get("CIFAR10_SUBSET") or os.path.join(  # the team's copy beside the repository by default
+    shared = os.environ.get("CIFAR10_SUBSET") or os.path.join(  # our data folder beside the repository by default
         os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "cifar10_subset.npz")
     with tempfile.TemporaryDirectory() as tmp:
         npz = os.path.join(tmp, "tiny.npz")
