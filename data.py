@@ -101,7 +101,7 @@ def resized_crop_transforms(image_size=224, normalize="imagenet"):
 
 def cub_transforms(image_size=224, normalize="imagenet"):
     """Tong's write-up, Sec. 3.2 (CUB): resize, random crop with 4 px padding,
-    horizontal flip; test: resize only."""
+    horizontal flip; test: resize only. Not in the papers: also NABirds, Dogs and the MKSMT recipes."""
     norm = T.Normalize(*NORMALIZATIONS[normalize])
     resize = T.Resize((image_size, image_size))
     train = T.Compose([resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),

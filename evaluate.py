@@ -78,7 +78,7 @@ def plot_probe(csv_path):
     means = [sum(v) / len(v) for v in per_layer.values()]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.semilogy(range(len(means)), [max(m, 1e-30) for m in means], marker=".")
-    ax.axhline(1e-7, color="gray", linestyle="--", label="1e-7 (paper's threshold)")
+    ax.axhline(1e-7, color="gray", linestyle="--", label="1e-7 (the paper's threshold; --probe-threshold may differ)")
     ax.set_xlabel("layer (input to output)")
     ax.set_ylabel("mean |grad| of weights")
     ax.legend()
@@ -95,8 +95,8 @@ def plot_probe(csv_path):
 def gradcam(model, images, stage):
     """Grad-CAM (Selvaraju et al. 2017, Eq. 1, 2) of one stage's feature map.
 
-        alpha_c = 1/(H W) sum_{h,w} d y^c / d A_{c,h,w}            (Eq. 1)
-        L       = ReLU(sum_c alpha_c A_c)                          (Eq. 2)
+        alpha_k^c = 1/(H W) sum_{h,w} d y^c / d A^k_{h,w}          (Eq. 1; k a channel, c the class)
+        L^c       = ReLU(sum_k alpha_k^c A^k)                      (Eq. 2)
 
     A = ``out["stages"][stage]``. y^c is the logit of the predicted class of the head
     that reads A (MKSMT's per-stage heads), or, for a stage no head reads, of the
@@ -332,7 +332,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--complexity", action="store_true",
                    help="parameters and FLOPs of the backbone alone vs the trained model (with its heads)")
     p.add_argument("--gradcam", type=COUNT, default=0, metavar="N",
-                   help="write Grad-CAM overlays of N test images for every stage (any checkpoint)")
+                   help="write Grad-CAM overlays of N test images for every stage, or --gradcam-stages (any checkpoint)")
     p.add_argument("--gradcam-stages", type=stage_list, metavar="S[,S...]",
                    help="stages for --gradcam (default: all; e.g. 1,2,3 for Swin's S2, S3, S4)")
     p.add_argument("--gradcam-dir", default="gradcam", help="folder for the --gradcam PNGs")

@@ -1065,9 +1065,10 @@ def test_resume_after_sigkill_is_bit_identical():
             _rows_without_time(os.path.join(killed, "metrics.jsonl"))
 
 
-def test_resume_refuses_a_changed_reduction_crop_sampler_or_recipe():
+def test_resume_refuses_a_changed_loss_reduction_crop_sampler_or_recipe():
     """--ctc-reduction's default for --loss center became mean, --hybrid-crop and --hybrid-ce-sampler are new, recipe
-    matching changed: a run resumed from a checkpoint trained otherwise stops with one line instead of switching."""
+    matching changed, center and joint share their centers' shape: a run resumed from a checkpoint trained otherwise
+    stops with one line instead of switching."""
     with tmpdir() as d:
         npz, out = _write_npz(os.path.join(d, "t.npz"), n_train=16, n_test=8), os.path.join(d, "run")
         r = subprocess.run(_train_cmd(npz, out, "--loss", "center", "--ctc-reduction", "sum", "--epochs", "1"),
@@ -1085,7 +1086,8 @@ def test_resume_refuses_a_changed_reduction_crop_sampler_or_recipe():
         del ckpt["args"]["hybrid_crop"], ckpt["args"]["hybrid_ce_sampler"]   # as a checkpoint from before the flags
         torch.save(ckpt, ckpt_path)
         args = argparse.Namespace(output_dir=out, resume="auto", ctc_reduction="sum")
-        for changed, expected in ((dict(hybrid_crop="resized"), "--hybrid-crop pad"),   # absent: as before the flags
+        for changed, expected in ((dict(loss="joint"), "--loss center"),
+                                  (dict(hybrid_crop="resized"), "--hybrid-crop pad"),   # absent: as before the flags
                                   (dict(hybrid_ce_sampler="instance"), "--hybrid-ce-sampler class-balanced"),
                                   (dict(recipe="seed001-cifar10"), f"--recipe {ckpt['args']['recipe']}")):
             try:
@@ -1093,6 +1095,20 @@ def test_resume_refuses_a_changed_reduction_crop_sampler_or_recipe():
                 raise AssertionError(f"resumed with {changed}")
             except data.DataError as e:
                 assert f"trained with {expected}, this run has {next(iter(changed.values()))}" in str(e), e
+
+
+def test_default_output_dirs_differ_by_model_and_loss():
+    """A recipe matched for several losses or backbones (lfw-joint: joint, center, ce) must not put their runs in one
+    folder: a fresh run there would delete the other's metrics.jsonl and overwrite its checkpoint."""
+    folders = set()
+    for argv in (["--dataset", "lfw", "--loss", "joint"], ["--dataset", "lfw", "--loss", "center"],
+                 ["--dataset", "lfw", "--loss", "ce"], ["--dataset", "lfw", "--loss", "ce", "--model", "resnet18"],
+                 ["--dataset", "lfw", "--loss", "ce", "--seed", "1"], ["--dataset", "lfw", "--loss", "ce", "--recipe", "none"]):
+        args = train.parse_args(argv + ["--data-path", "unused"])
+        folders.add(utils.default_output_dir(args))
+    assert len(folders) == 6, folders
+    assert utils.default_output_dir(train.parse_args(["--dataset", "lfw", "--loss", "center", "--data-path", "x"])) \
+        == os.path.join("runs", "lfw-joint-resnet34-center-seed0")
 
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume():
@@ -1191,7 +1207,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
             (npz_run + ["--data-path", float_labels], "integer class indices"),
             (npz_run + ["--data-path", good, "--model", "resnet20", "--loss", "ce", "--resume",
                         os.path.join(old, "checkpoint.pth")],
-             "other optimizer groups"),
+             "was trained with --loss joint, this run has ce: pass --loss joint"),
             (npz_run + ["--data-path", good, "--deep-sup", "2"], "--deep-sup"),
             (["--dataset", "imagefolder", "--data-path", folder, "--image-size", "32", "--batch-size", "2",
               "--workers", "0"], broken),  # found while training: a config.json may exist, no torn file
@@ -1201,7 +1217,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing():
             (npz_run + ["--data-path", good, "--batch-size", "64"], "larger than the training set"),
             (npz_run + ["--data-path", good, "--resume", truncated], "truncated"),
             (npz_run + ["--data-path", good, "--resume", foreign], "not a train.py checkpoint"),
-            (npz_run + ["--data-path", good, "--model", "resnet32", "--resume",
+            (npz_run + ["--data-path", good, "--model", "resnet32", "--loss", "joint", "--resume",
                         os.path.join(old, "checkpoint.pth")], "does not fit this resnet32"),
         ]
         cases += [(npz_run + ["--data-path", good, "--amp", "fp16", "--device", "cpu"], "needs a CUDA device"),

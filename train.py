@@ -74,7 +74,7 @@ RECIPES["ldam-ce-cifar10lt"] = dict(model="resnet32", dataset="cifar10", loss="c
 # 224 px (the window-7 22K release), batch 16, SGD lr 0.005 momentum 0.9, wd 5e-4, 50 epochs, x0.1 at 30, 40.
 _MKSMT = dict(model="swin_l", loss="mksmt", image_size=224, multistep=2, kd="decision", temperature=1.0,
               lambda1=1.0, lambda2=1.0, batch_size=16, lr=0.005, momentum=0.9, wd=5e-4, epochs=50, milestones=[30, 40])
-# not in the paper: lambda1 = lambda2 = 1 is given for CUB only. The baseline: plain Swin-L, trained alike.
+# not in the paper: reusing CUB's lambda1 = lambda2 = 1 on NABirds, Dogs. The baseline: plain Swin-L, trained alike.
 RECIPES.update({f"mksmt-{name}": dict(_MKSMT, dataset=name) for name in ("cub", "nabirds", "dogs")})
 RECIPES["mksmt-cub-baseline"] = {k: v for k, v in dict(_MKSMT, dataset="cub", loss="ce").items()
                                  if k not in ("multistep", "kd", "temperature", "lambda1", "lambda2")}
@@ -198,7 +198,7 @@ def center_step(batch, model, criterion, optimizer, place, amp, scaler=None, aux
     with amp():
         out = model(images)                                               # logits (B, K), embedding (B, d)
     out32 = utils.to_float32(out)
-    # Tong's Eq. 8; distributed, Eq. 7's batch sum counts every process's share (losses.py)
+    # Tong's Eq. 8 (or Wen's L_S + lambda L_C); distributed, a summed center term counts every process's share
     loss, parts = criterion(out32["logits"], out32["embedding"], labels, shards=utils.world_size())
     loss, parts = add_deep_supervision(loss, parts, out32, labels, aux_weight)
     applied = utils.backward_and_step(optimizer, loss, scaler)
@@ -243,7 +243,7 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
                lambda1=1.0, lambda2=1.0, scaler=None, **kd_settings):
     """MKSMT's per-batch multi-step training (Yu et al. 2023, Algorithm 2).
 
-    With heads on stages h_1 < ... < h_n (default S3, S4):
+    With heads on stages h_1 < ... < h_n (default S3, S4; logged ce_s<i>, i from 0: S3 is ce_s2):
       multistep 2 or 3 (n steps): for each shallower head h_i in turn, run the
         network only up to h_i, take CE(h_i) and one optimizer step, which moves
         S1..h_i and that head only (Eq. 3). Then run the whole network, step on and log
@@ -271,7 +271,7 @@ def mksmt_step(batch, model, optimizer, place, amp, heads, multistep=2, kd="deci
         with amp():
             shallow = [F.cross_entropy(z, labels) for z in out["head_logits"][:-1]]   # autocast: in fp32
         parts.update({f"ce_s{stage}": ce.detach() for stage, ce in zip(heads[:-1], shallow)})
-        loss = sum(shallow) + lambda1 * ce_last + lambda2 * kd_term
+        loss = sum(shallow) + lambda1 * ce_last + lambda2 * kd_term  # not in the paper: the one-step ablation
     elif split_kd:
         applied = applied & utils.backward_and_step(optimizer, lambda1 * ce_last, scaler)
         with amp():
@@ -351,10 +351,10 @@ def evaluate(model, loader, device, num_classes, train_counts=None, many_thresho
         # argmax, not topk[:, 0]: topk breaks ties (common in bf16) in no fixed order, and
         # top1 must equal the deepest head's argmax count below
         hit1 = (logits.argmax(1) == labels).double()                     # (B,)
-        heads = [*out.get("aux_logits", []), *out.get("head_logits", [])]
+        extra_logits = [*out.get("aux_logits", []), *out.get("head_logits", [])]
         counts += torch.stack([hit1.sum(), (topk == labels[:, None]).any(1).double().sum(),
                                F.cross_entropy(logits, labels, reduction="sum").double(),
-                               *[(z.float().argmax(1) == labels).double().sum() for z in heads]])
+                               *[(z.float().argmax(1) == labels).double().sum() for z in extra_logits]])
         class_total.index_add_(0, labels, torch.ones_like(hit1))
         class_correct.index_add_(0, labels, hit1)
     if utils.world_size() > 1:  # sum over the shards
@@ -415,7 +415,7 @@ def build(args, rank, world_size, device):
     train_criterion = utils.prepare_criterion(criterion, world_size)
     train_loader, sampler = utils.train_loader_from_args(args, train_set, device, args.loss in HYBRID_LOSSES, rank,
                                                          world_size)
-    eval_normalize = None if args.loader == "torch" else args.normalize
+    eval_normalize = None if args.loader == "torch" else args.normalize  # None: the PIL test transform, as trained
     eval_loaders = {name: data.make_test_loader(dataset, args.eval_batch_size or args.batch_size, args.workers,
                                                 device, rank, world_size, eval_normalize)
                     for name, dataset in (("val", val_set), ("test", test_set)) if dataset is not None}
@@ -441,13 +441,13 @@ def train(args, rank, world_size, device):
     args.output_dir = args.output_dir or utils.default_output_dir(args)
     b = build(args, rank, world_size, device)
     model, criterion, optimizer, scheduler, scaler = b.model, b.criterion, b.optimizer, b.scheduler, b.scaler
-    resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler, rank)
+    resumed, ckpt = utils.resume(args, model, criterion, optimizer, scheduler, scaler)
     if rank == 0:
         utils.prepare_output_dir(args, resumed and ckpt["iteration"], resumed, utils.environment(device, world_size))
     print(config_line(args), b.summary, sep="\n", flush=True)
     iters_per_epoch, total_iters, epochs = b.iters_per_epoch, b.total_iters, b.epochs
     ckpt_path, metrics_path = (os.path.join(args.output_dir, f) for f in ("checkpoint.pth", "metrics.jsonl"))
-    run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),
+    run = utils.Run(total_iters, iters_per_epoch, args.batch_size * (3 if args.loss in HYBRID_LOSSES else 1),  # 2B views + B
                     device, args.print_freq, args.save_every, args.skip_nonfinite,
                     save=lambda: utils.save_training_checkpoint(ckpt_path, rank, run, model, criterion, optimizer,
                                                                 scheduler, scaler, args, b.data_facts),
@@ -456,9 +456,9 @@ def train(args, rank, world_size, device):
     if run.iteration >= total_iters:
         print(f"{resumed} already holds all {total_iters} iterations; nothing to do", flush=True)
         return 0
-    aux_weight = lambda epoch: losses.deep_supervision_weight(args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
+    aux_weight_at = lambda epoch: losses.deep_supervision_weight(args.aux_weight, epoch, epochs, args.aux_decay, args.aux_stop)
     if args.probe_gradients:
-        step = bind_step(args, b.train_model, b.train_criterion, optimizer, scaler, device, aux_weight(0))
+        step = bind_step(args, b.train_model, b.train_criterion, optimizer, scaler, device, aux_weight_at(0))
         models.probe_gradients(b.model, step, b.train_loader, b.sampler, scheduler, args.probe_gradients,
                                args.probe_threshold, os.path.join(args.output_dir, "gradient_probe.csv"))
         return 0
@@ -469,7 +469,7 @@ def train(args, rank, world_size, device):
                 b.sampler.set_epoch(epoch, (run.iteration - epoch * iters_per_epoch) * args.batch_size)
                 alpha = losses.hybrid_alpha(epoch, epochs, args.alpha_schedule, args.alpha) \
                     if args.loss in HYBRID_LOSSES else None
-                weight = aux_weight(epoch) if args.deep_sup else None  # None: no head, null in metrics.jsonl
+                weight = aux_weight_at(epoch) if args.deep_sup else None  # None: no head, null in metrics.jsonl
                 step = bind_step(args, b.train_model, b.train_criterion, optimizer, scaler, device, weight, alpha)
                 train_stats = train_one_epoch(b.train_model, criterion, step, b.train_loader, optimizer, scheduler,
                                               run, epoch, cuda_graphs=args.compile in ("reduce-overhead", "max-autotune"))
@@ -573,7 +573,7 @@ def add_method_arguments(p):
     g.add_argument("--ctc-reduction", choices=["sum", "mean"], help="the center term over the batch (either loss): "
                    "joint sum (Tong, Eq. 7); center mean, as CE, so lambda weighs like-reduced terms as Wen's does")
     g.add_argument("--center-lr", type=utils.POSITIVE, default=0.5, help="SGD lr of the class centers")
-    g.add_argument("--center-momentum", type=utils.BELOW_ONE, default=0.0, help="(the papers: plain SGD)")
+    g.add_argument("--center-momentum", type=utils.BELOW_ONE, default=0.0, help="the centers' SGD momentum (papers: none)")
     g.add_argument("--center-lr-schedule", action="store_true", help="warm-up and milestones for the centers too")
     g = group("contrastive-center loss", ("--loss joint", lambda a: a.loss == "joint"))
     g.add_argument("--delta", type=utils.POSITIVE, default=1.0, help="delta of Tong's Eq. 7")
@@ -602,10 +602,10 @@ def add_method_arguments(p):
     g.add_argument("--multistep", type=int, default=2, choices=[1, 2, 3], help="steps per batch (Algorithm 2)")
     g.add_argument("--kd", default="decision", choices=["none", "decision", "feature"],
                    help="self-distillation from the deepest head: softmax outputs, OPM features, or none")
-    g.add_argument("--lambda1", type=utils.NON_NEGATIVE, default=1.0, help="weight of CE(S4) in step 2")
+    g.add_argument("--lambda1", type=utils.NON_NEGATIVE, default=1.0, help="weight of CE(deepest head) in the last step")
     g = group("MKSMT distillation", ("--loss mksmt with --kd decision or feature",
                                      lambda a: a.loss == "mksmt" and a.kd != "none"))
-    g.add_argument("--lambda2", type=utils.NON_NEGATIVE, default=1.0, help="weight of KD in step 2")
+    g.add_argument("--lambda2", type=utils.NON_NEGATIVE, default=1.0, help="weight of KD in the last step")
     g.add_argument("--kd-no-detach", action="store_true", help="let the KD gradient reach the teacher head")
     g = group("MKSMT decision distillation", ("--loss mksmt with --kd decision",
                                               lambda a: a.loss == "mksmt" and a.kd == "decision"))
@@ -645,7 +645,7 @@ def parse_args(argv=None):
     recipe, matched, values = args.recipe, False, {}
     if recipe is None:  # the first recipe whose setup holds the run's values
         recipe, matched = next((name for name, setup in RECIPE_SETUPS.items()
-                                if all(getattr(args, k) in values for k, values in setup.items())), None), True
+                                if all(getattr(args, k) in allowed for k, allowed in setup.items())), None), True
     if recipe not in (None, "none"):
         values = RECIPES[recipe]
         own_loss = matched or "loss" in utils.explicit_dests(parser, argv)  # a recipe's loss weights: its loss only

@@ -154,7 +154,7 @@ def add_run_arguments(parser):
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode for the training and evaluation forward")
-    g.add_argument("--output-dir", help="default: runs/<recipe or dataset-model-loss>-seed<seed>")
+    g.add_argument("--output-dir", help="default: runs/<recipe or dataset>-<model>-<loss>-seed<seed>")
     g.add_argument("--eval-every", type=AT_LEAST_1, default=1, help="evaluate every N epochs (and at the end)")
     g.add_argument("--print-freq", type=AT_LEAST_1, default=50, help="progress line every N iterations")
     g.add_argument("--resume", help="checkpoint.pth to continue from, exactly where it stopped; "
@@ -360,8 +360,8 @@ def init_momentum_buffers(optimizer):
 
 def backward_and_step(optimizer, loss, scaler=None):
     """``loss.backward()`` and one optimizer step, applied only when ``loss`` is
-    finite. Returns a 0-dim bool tensor on the loss's device: True if the step
-    was applied.
+    finite. Returns a 0-dim bool tensor on the loss's device: True if the loss
+    was finite (with fp16 the GradScaler may still skip a step whose gradients overflowed).
 
     The host never reads ``loss`` here: with a fused SGD a non-finite loss sets
     the kernel's ``found_inf`` flag on the device, and the step leaves
@@ -587,7 +587,8 @@ class Run:
                                    f"(lower --lr / --center-lr, or pass --skip-nonfinite K)", 3)
             self.skipped_nonfinite = r["nonfinite"]
             meter.reported()
-            print(f"warning: {where}; skipped, nothing applied ({r['nonfinite']}/{self.skip_nonfinite})", flush=True)
+            print(f"warning: {where}; skipped: that step (MKSMT: that sub-step) changed nothing "
+                  f"({r['nonfinite']}/{self.skip_nonfinite})", flush=True)
         return {k: v / max(r["count"], 1) for k, v in r["sums"].items()}
 
     def stopping(self):
@@ -698,7 +699,7 @@ def load_state_checked(module, state, path, what):
     module.load_state_dict(state)
 
 
-def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
+def resume(args, model, criterion, optimizer, scheduler, scaler):
     """--resume PATH / auto: load model, loss parameters, optimizer, scheduler and scaler,
     and check the global batch. Returns (path, checkpoint) or (None, None) for a fresh run."""
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -710,7 +711,8 @@ def resume(args, model, criterion, optimizer, scheduler, scaler, rank=0):
         return None, None
     ckpt = load_checkpoint(path)
     # settings whose defaults changed and that no tensor records: a resumed run must not switch them silently
-    for dest, before_flag in (("ctc_reduction", None), ("hybrid_crop", "pad"),  # before_flag: older checkpoints
+    # (and --loss: center and contrastive-center keep the same (K, d) centers, so their checkpoints load into each other)
+    for dest, before_flag in (("loss", None), ("ctc_reduction", None), ("hybrid_crop", "pad"),  # before_flag: older
                               ("hybrid_ce_sampler", "class-balanced"), ("recipe", None)):  # recipe: matching changed
         saved, flag = ckpt["args"].get(dest, before_flag), "--" + dest.replace("_", "-")
         if saved is not None and saved != getattr(args, dest, saved):
@@ -799,8 +801,9 @@ def keep_metrics_up_to(path, iteration, source=None):
 # Output folder, metrics rows, strict JSON
 # ----------------------------------------------------------------------------------
 def default_output_dir(args):
-    name = args.recipe if args.recipe not in (None, "none") else f"{args.dataset}-{args.model}-{args.loss}"
-    return os.path.join("runs", f"{name}-seed{args.seed}")
+    # model and loss in the name: runs of one recipe with another backbone or loss must not share a folder
+    prefix = args.recipe if args.recipe not in (None, "none") else args.dataset
+    return os.path.join("runs", f"{prefix}-{args.model}-{args.loss}-seed{args.seed}")
 
 
 def cpu_name():
