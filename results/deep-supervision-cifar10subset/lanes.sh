@@ -6,18 +6,19 @@
 # lower edge 0.01, so 0.003 and 0.001 were added (3). A first stage-4 queue (Kaiming
 # plain44 / plain32 finals) was cancelled before any of its runs started, once the finished
 # sweep showed that Kaiming plain44 trains at lr 0.003 and plain20 (Xavier) starts to move.
-S=results/deep-supervision-cifar10subset/run.sh
+cd "$(dirname "$0")/../.." || exit 2
+S=results/deep-supervision-cifar10subset/run.sh O=results/deep-supervision-cifar10subset
 # 1: Xavier (models.py's default plain init)
-( bash $S sweep plain56 0.1 0.03 0.01; bash $S sweep plain20 0.1 0.03 0.01 ) > laneA.out &
-( bash $S sweep plain44 0.1 0.03 0.01; bash $S sweep plain32 0.1 0.03 0.01 ) > laneB.out
+( bash $S sweep plain56 0.1 0.03 0.01; bash $S sweep plain20 0.1 0.03 0.01 ) > $O/laneA.out &
+( bash $S sweep plain44 0.1 0.03 0.01; bash $S sweep plain32 0.1 0.03 0.01 ) > $O/laneB.out
 wait
 # 2: Kaiming init
-( bash $S sweep plain56-kaiming 0.1 0.03 0.01; bash $S sweep plain20-kaiming 0.1 0.03 0.01 ) > laneA2.out &
-( bash $S sweep plain44-kaiming 0.1 0.03 0.01; bash $S sweep plain32-kaiming 0.1 0.03 0.01 ) > laneB2.out
+( bash $S sweep plain56-kaiming 0.1 0.03 0.01; bash $S sweep plain20-kaiming 0.1 0.03 0.01 ) > $O/laneA2.out &
+( bash $S sweep plain44-kaiming 0.1 0.03 0.01; bash $S sweep plain32-kaiming 0.1 0.03 0.01 ) > $O/laneB2.out
 wait
 # 3: lower lrs (Kaiming); gradient probes (seconds each, run alongside)
-( bash $S sweep plain20-kaiming 0.003 0.001; bash $S sweep plain56-kaiming 0.003 0.001 ) > laneA3.out &
-( bash $S sweep plain32-kaiming 0.003 0.001; bash $S sweep plain44-kaiming 0.003 0.001 ) > laneB3.out &
+( bash $S sweep plain20-kaiming 0.003 0.001; bash $S sweep plain56-kaiming 0.003 0.001 ) > $O/laneA3.out &
+( bash $S sweep plain32-kaiming 0.003 0.001; bash $S sweep plain44-kaiming 0.003 0.001 ) > $O/laneB3.out &
 bash $S probe plain56 0.1 none 1 0; bash $S probe plain20 0.03 none 1; bash $S probe plain32 0.1 none 1 0
 bash $S probe plain44-kaiming 0.01 none 1; bash $S probe plain32-kaiming 0.01 none 1   # at 0.01, before the 0.003 sweep was in
 bash $S probe plain56-kaiming 0.001 none 1   # at the lr its sweep chose, after stage 3
@@ -29,8 +30,8 @@ wait
 # alternative (after stage 0); plain20: no head / head after stage 1 (its probe finds no layer
 # under 1e-7, so it gives no advice). Xavier plain32's lrs tie at chance (10.00): the select
 # rule takes the first listed, 0.1.
-( bash $S final plain32 0.1 none 0 1 2; bash $S final plain32 0.1 1 0 1 2 ) > laneB4.out &
-( bash $S final plain32 0.1 0 0 1 2; bash $S final plain20 0.03 none 0 1 2; bash $S final plain20 0.03 1 0 1 2 ) > laneA4.out
+( bash $S final plain32 0.1 none 0 1 2; bash $S final plain32 0.1 1 0 1 2 ) > $O/laneB4.out &
+( bash $S final plain32 0.1 0 0 1 2; bash $S final plain20 0.03 none 0 1 2; bash $S final plain20 0.03 1 0 1 2 ) > $O/laneA4.out
 wait
 # The stage-4 queues also held resnet56 finals at He et al.'s lr 0.1 (not swept). The first,
 # final-resnet56-dsnone-seed0, blew up (train loss 6.0 at iteration 20, then stuck near
@@ -41,7 +42,7 @@ wait
 # plain56 finals at its chosen lr 0.001; they were taken off before starting, for lack of
 # machine time. Not run: bash $S final plain56-kaiming 0.001 none 0 1 2; ... 1 0 1 2.)
 ( bash $S sweep resnet56 0.03 0.01; lr=$(bash $S select resnet56 0.1 0.03 0.01)   # after the 0.1 sweep is in
-  bash $S final resnet56 $lr none 0 1 2 ) > laneB5.out &
+  bash $S final resnet56 $lr none 0 1 2 ) > $O/laneB5.out &
 ( bash $S sweep resnet56 0.1; lr=$(bash $S select resnet56 0.1 0.03 0.01)         # after the 0.03 / 0.01 sweeps are in
-  bash $S final resnet56 $lr 1 0 1 2 ) > laneA5.out
+  bash $S final resnet56 $lr 1 0 1 2 ) > $O/laneA5.out
 wait

@@ -11,6 +11,7 @@
 #   hybrid-sc-cifar10lt and hybrid-psc-cifar10lt, seeds 0, 1, 2, from
 #   .devdata/cifar10lt100_pack.npz (make_lt_pack.py: the kept images only; train.py's own cut
 #   then keeps exactly them).
+# EXTRA="...": more train.py flags for every run (default none).
 # A watcher measures each run's iterations per second every 20 s and, while the slowest would
 # end after DEADLINE seconds, stops (SIGTERM: it saves and says where) every run of the highest
 # seed still running; the rest run on to their last epoch or to DEADLINE + 90 s.

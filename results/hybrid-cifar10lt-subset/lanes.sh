@@ -3,8 +3,8 @@
 # queue, popped in this order by two lanes (one torch thread each) on the 2-core CPU machine,
 # from a worktree pinned at the commit each log's first line names.
 #   bash results/hybrid-cifar10lt-subset/lanes.sh          # starts both lanes in the background
-#   bash results/hybrid-cifar10lt-subset/lanes.sh JOB...   # after a kill: keep queue.txt, put the jobs that
-#                                               # were in flight back in front (--resume auto)
+#   bash results/hybrid-cifar10lt-subset/lanes.sh "hybrid sc 100 0" ...   # after a kill: keep queue.txt, put
+#                                     # the jobs that were in flight (one quoted string each) back in front (--resume auto)
 set -u
 cd "$(dirname "$0")/../.."
 queue=results/hybrid-cifar10lt-subset/queue.txt

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Two queues for the LFW study (20 epochs, lr step at 15), from a worktree pinned at the commit that ran them.
-cd /work/lfw-wt
+# Two queues for the LFW study (20 epochs, lr step at 15).
+# Launch record: ran in a worktree of 2104c39 (the commit its logs name); run now (bash lanes.sh A, and B
+# beside it) it uses this checkout's code, whose run.sh lines still parse.
+cd "$(dirname "$0")/../.." || exit 2
 S="bash results/lfw-joint-supervision/run.sh"
 if [ "$1" = A ]; then
   $S sweep joint 0.01 0.1 1

@@ -13,8 +13,8 @@ repo=$(pwd)
 seed=$1; shift
 iters=${ITERS:-4000}
 threads=${SEED001_THREADS:-1}
-tree=${SEED001_WORKTREE:-$repo/../seed001-worktree}
-# the deleted run_seed001_full.sh used to create this worktree; create it here when it is missing
+tree=${SEED001_WORKTREE:-$repo/../worktrees/5909c2ff0b}   # run_long.sh's worktree of that commit
+# created here when it is missing
 [ -d "$tree" ] || git worktree add --detach "$tree" "$(git rev-parse 5909c2f^{commit})" > /dev/null || exit 2
 data=${SEED001_DATA_DIR:-$repo/../data}
 [ "$(git -C "$tree" rev-parse HEAD)" = "$(git rev-parse 5909c2f^{commit})" ] || { echo "worktree not at 5909c2f" >&2; exit 2; }
