@@ -13,11 +13,12 @@ repo=$(pwd)
 seed=$1; shift
 iters=${ITERS:-4000}
 threads=${SEED001_THREADS:-1}
-tree=${SEED001_WORKTREE:-$repo/../worktrees/5909c2ff0b}   # run_long.sh's worktree of that commit
+pin=$(git rev-parse 5909c2f^{commit}) || exit 2
+tree=${SEED001_WORKTREE:-$repo/../worktrees/${pin:0:10}}   # run_long.sh's worktree of that commit,
 # created here when it is missing
-[ -d "$tree" ] || git worktree add --detach "$tree" "$(git rev-parse 5909c2f^{commit})" > /dev/null || exit 2
+[ -d "$tree" ] || git worktree add --detach "$tree" "$pin" > /dev/null || exit 2
 data=${SEED001_DATA_DIR:-$repo/../data}
-[ "$(git -C "$tree" rev-parse HEAD)" = "$(git rev-parse 5909c2f^{commit})" ] || { echo "worktree not at 5909c2f" >&2; exit 2; }
+[ "$(git -C "$tree" rev-parse HEAD)" = "$pin" ] || { echo "worktree not at 5909c2f" >&2; exit 2; }
 for variant in "$@"; do
   case $variant in
     base-bf16) npz=cifar10_full.npz; amp="--amp bf16" ;;
